@@ -106,8 +106,11 @@ class KVBatch:
         """Forget the last `n_tokens` of a row (e.g. an unusable simulator line): its cache slots
         become holes, so the next turn continues as if they had never been generated."""
         row = self.keys.index(key)
-        cached_tail = max(0, n_tokens - (len(self.rows[key]) - self.n_cached[key]))
-        if cached_tail:
+        keep = len(self.rows[key]) - n_tokens
+        # forget cached slots past `keep`, and the last kept one too if nothing uncached would remain:
+        # generating needs the logits of the row's last token, so it must be prefilled again
+        cached_tail = self.n_cached[key] - min(self.n_cached[key], keep - 1)
+        if cached_tail > 0:
             real = self.mask[row].nonzero().squeeze(-1)
             self.mask[row, real[-cached_tail:]] = 0
             self.n_cached[key] -= cached_tail

@@ -377,7 +377,10 @@ class CognitiveUserSimulator:
         """Start one dialogue per persona; the callee picks up. Returns the opening lines."""
         self.personas = list(persona_list)
         self.states = [initial_state(p, self.rules) for p in self.personas]
-        self.rngs = [random.Random(f"{self.seed}:{i}:{p.persona_id}") for i, p in enumerate(self.personas)]
+        # per-dialogue randomness keyed by (persona, replica), not batch position: a dialogue plays the
+        # same whether it is simulated alone or in a batch
+        replicas = [sum(q.persona_id == p.persona_id for q in self.personas[:i]) for i, p in enumerate(self.personas)]
+        self.rngs = [random.Random(f"{self.seed}:{p.persona_id}:{r}") for p, r in zip(self.personas, replicas)]
         self.done = [False] * len(self.personas)
         self.generator = torch.Generator().manual_seed(self.seed)
         openings = [rng.choice(P.load_bank(p.domain)["openings"]) for p, rng in zip(self.personas, self.rngs)]

@@ -32,7 +32,7 @@ def make_tiny_model(tokenizer, seed=0, layers=2):
     cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
                       pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                      tie_word_embeddings=True)
+                      tie_word_embeddings=True, initializer_range=0.3)  # lively: varied tokens, no ties
     model = LlamaForCausalLM(cfg)
     model.eval()
     return model
