@@ -70,8 +70,9 @@ class KVBatch:
         self.n_cached = {}      # key -> how many of those are in the cache
         self.cache = None       # DynamicCache with (B, heads, L, head_dim) per layer
         self.mask = None        # (B, L) 1 where a cache slot holds a real token
-        self.prefill_tokens = 0  # real tokens prefilled (for the benchmark)
-        self.decode_tokens = 0
+        self.prefill_tokens = 0     # real tokens prefilled      } counters for bench.py
+        self.generated_tokens = 0   # tokens sampled            }
+        self.decode_steps = 0       # batched one-token forwards }
 
     # -- bookkeeping ---------------------------------------------------------------------------
     def add(self, key, ids):
@@ -135,8 +136,10 @@ class KVBatch:
         self.mask = self.mask.gather(1, order)
 
     # -- the forward pass ----------------------------------------------------------------------
-    def _forward(self, input_ids, new_mask):
-        """Append (B, n) tokens; new_mask (B, n) marks the real ones. Returns logits (B, n, V)."""
+    def _forward(self, input_ids, new_mask, keep=None):
+        """Append (B, n) tokens; new_mask (B, n) marks the real ones. Returns logits (B, n, V), or
+        (B, len(keep), V) for the positions `keep` only (a prefill needs one position per row, and
+        (B, n, V) logits would dwarf the KV cache)."""
         from transformers import DynamicCache
         device = input_ids.device
         if self.cache is None:
@@ -149,7 +152,8 @@ class KVBatch:
         ctx = contextlib.nullcontext() if self.adapter else lm.adapter_off(self.model)
         with ctx:
             out = self.model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
-                             past_key_values=self.cache, use_cache=True)
+                             past_key_values=self.cache, use_cache=True,
+                             logits_to_keep=0 if keep is None else keep)
         self.mask = attention
         return out.logits
 
@@ -170,9 +174,10 @@ class KVBatch:
         for i, d in enumerate(deltas):
             input_ids[i, :len(d)] = torch.tensor(d, device=device)
             new_mask[i, :len(d)] = 1
-        logits = self._forward(input_ids, new_mask)
         last = torch.tensor([len(d) - 1 for d in deltas], device=device)
-        next_logits = logits[torch.arange(len(deltas), device=device), last]   # (B, V)
+        keep, where = torch.unique(last, return_inverse=True)                  # distinct last positions
+        logits = self._forward(input_ids, new_mask, keep=keep)                 # (B, len(keep), V)
+        next_logits = logits[torch.arange(len(deltas), device=device), where]  # (B, V)
         self.prefill_tokens += sum(map(len, deltas))
         for k, d in zip(self.keys, deltas):
             self.n_cached[k] += len(d)
@@ -194,13 +199,14 @@ class KVBatch:
             fed &= active
             step_ids = torch.where(fed, tokens, torch.full_like(tokens, self.pad_id))[:, None]
             next_logits = self._forward(step_ids, fed.long()[:, None])[:, -1]
-            self.decode_tokens += int(fed.sum())
+            self.decode_steps += 1
             for i in fed.nonzero().squeeze(-1).tolist():
                 self.n_cached[self.keys[i]] += 1
         out = {}
         for i, k in enumerate(self.keys):
             # every sampled token but the last was fed; after that feed n_cached counts it
             self.rows[k].extend(new_tokens[i])
+            self.generated_tokens += len(new_tokens[i])
             out[k] = (new_tokens[i], new_logprobs[i])
         return out
 
@@ -284,14 +290,16 @@ def _user_turn(traj, tokenizer, text, header):
 
 
 @torch.no_grad()
-def run(model, tokenizer, simulator, persona_list, rollout_cfg, group_size=1, seed=0, progress=False):
+def run(model, tokenizer, simulator, persona_list, rollout_cfg, group_size=1, seed=0, progress=False,
+        decoder=KVBatch):
     """G = group_size dialogues per persona, all advanced together. Returns [Trajectory], grouped
-    by persona (group id = persona index)."""
+    by persona (group id = persona index). `decoder` is KVBatch or a drop-in with the same methods
+    (bench.py's re-prefilling baselines)."""
     eos, closing = lm.end_of_turn_ids(tokenizer)
     header = lm.encode(tokenizer, lm.generation_header(tokenizer))
     dialogues = [(g, p) for g, p in enumerate(persona_list) for _ in range(group_size)]
-    openings = simulator.reset([p for _, p in dialogues])
-    policy = KVBatch(model, tokenizer.pad_token_id, adapter=True)
+    openings = simulator.reset([p for _, p in dialogues], seed=seed)
+    policy = decoder(model, tokenizer.pad_token_id, adapter=True)
     trajs = []
     for i, ((g, p), opening) in enumerate(zip(dialogues, openings)):
         t = Trajectory(persona=p, group=g, ids=[], agent_mask=[], turn_ids=[], logprobs=[], note_slots=[],

@@ -294,14 +294,14 @@ class CognitiveUserSimulator:
     (user_messages, states, done)`, one entry per dialogue of the last reset (None / previous state
     for dialogues that already ended)."""
 
-    def __init__(self, sim_cfg, model=None, tokenizer=None, seed=0):
+    def __init__(self, sim_cfg, model=None, tokenizer=None, seed=0, decoder=KVBatch):
         self.cfg, self.rules = sim_cfg, sim_cfg["rules"]
         self.model, self.tokenizer = model, tokenizer
         needs_model = sim_cfg["appraiser"] != "lexical" or sim_cfg["utterance"] == "llm"
         if needs_model and model is None:
             raise ValueError("this simulator configuration needs a model (appraiser or utterance is 'llm').")
         self.llm_appraiser = LLMAppraiser(model, tokenizer, self.rules) if sim_cfg["appraiser"] == "llm" else None
-        self.seed = seed
+        self.seed, self.decoder = seed, decoder
         self.stats = {"turns": 0, "parse_failures": 0, "role_inversions": 0, "empty_turns": 0,
                       "inconsistent_lines": 0, "truncated_lines": 0}
 
@@ -373,20 +373,22 @@ class CognitiveUserSimulator:
         return True
 
     # -- the environment API -----------------------------------------------------------------
-    def reset(self, persona_list):
-        """Start one dialogue per persona; the callee picks up. Returns the opening lines."""
+    def reset(self, persona_list, seed=None):
+        """Start one dialogue per persona; the callee picks up. Returns the opening lines. `seed`
+        (default: the simulator's) fixes the openings, fallback lines and sampled user lines."""
+        seed = self.seed if seed is None else seed
         self.personas = list(persona_list)
         self.states = [initial_state(p, self.rules) for p in self.personas]
         # per-dialogue randomness keyed by (persona, replica), not batch position: a dialogue plays the
         # same whether it is simulated alone or in a batch
         replicas = [sum(q.persona_id == p.persona_id for q in self.personas[:i]) for i, p in enumerate(self.personas)]
-        self.rngs = [random.Random(f"{self.seed}:{p.persona_id}:{r}") for p, r in zip(self.personas, replicas)]
+        self.rngs = [random.Random(f"{seed}:{p.persona_id}:{r}") for p, r in zip(self.personas, replicas)]
         self.done = [False] * len(self.personas)
-        self.generator = torch.Generator().manual_seed(self.seed)
+        self.generator = torch.Generator().manual_seed(seed)
         openings = [rng.choice(P.load_bank(p.domain)["openings"]) for p, rng in zip(self.personas, self.rngs)]
         if self.cfg["utterance"] == "llm":
             tok = self.tokenizer
-            self.view = KVBatch(self.model, tok.pad_token_id, adapter=False)
+            self.view = self.decoder(self.model, tok.pad_token_id, adapter=False)
             for i, (p, line) in enumerate(zip(self.personas, openings)):
                 self.view.add(i, lm.flat_message_ids(tok, "system", self._system_prompt(p)) +
                               lm.flat_message_ids(tok, "assistant", line))

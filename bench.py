@@ -1,0 +1,266 @@
+"""Rollout throughput: the incremental KV engine vs plain `model.generate`, side by side in one run.
+
+    python bench.py                                   # 16 dialogues x 6 turns, embedded model, CPU
+    python bench.py --sweep                           # + batch sizes x turn counts (kv vs batched generate)
+    python bench.py --arch qwen2.5-1.5b --quantization 4bit   # random-init model of a real size (GPU)
+
+Three decoders run the *same* dialogues (same personas, greedy policy and simulator, the same
+per-turn token budgets), each in its own subprocess so peak memory is its own:
+  kv               rollout.KVBatch: per-dialogue KV caches, only each turn's new tokens prefilled
+  generate_batched model.generate over all live dialogues, left-padded, re-prefilling whole dialogues
+  generate_single  model.generate one dialogue at a time, re-prefilling (what most peers do)
+Greedy decoding makes the three produce identical dialogues when they are numerically consistent;
+the table says whether they did. Reported: generated tokens/s (policy + simulator lines), prefill
+tokens, wall time, peak memory (RSS on CPU, max allocated on CUDA) and, on a GPU, the decode
+memory-bandwidth utilisation (weights read per decode step / time / peak bandwidth; a lower bound,
+KV reads excluded). The last line is JSON.
+"""
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+import config
+import lm
+import personas as P
+import rollout
+import simulator as S
+
+ARCHS = {  # real shapes, random weights: throughput and memory depend on these, not on training
+    "qwen2.5-0.5b": dict(model_type="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                         num_attention_heads=14, num_key_value_heads=2, vocab_size=151936),
+    "qwen2.5-1.5b": dict(model_type="qwen2", hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                         num_attention_heads=12, num_key_value_heads=2, vocab_size=151936),
+    "qwen3-4b": dict(model_type="qwen3", hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936),
+}
+PEAK_BANDWIDTH = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12, "L4": 0.3e12, "4090": 1.0e12}
+
+
+class GenerateBatch:
+    """Drop-in for KVBatch built on `model.generate`: every call re-prefills each row's whole
+    sequence. batched=True left-pads all rows into one call; False loops over rows."""
+
+    def __init__(self, model, pad_id, adapter=True, batched=True):
+        self.model, self.pad_id, self.adapter, self.batched = model, pad_id, adapter, batched
+        self.keys, self.rows = [], {}
+        self.prefill_tokens = self.generated_tokens = self.decode_steps = 0
+
+    def add(self, key, ids):
+        self.keys.append(key)
+        self.rows[key] = list(ids)
+
+    def extend(self, key, ids):
+        self.rows[key].extend(ids)
+
+    def ids(self, key):
+        return self.rows[key]
+
+    def drop(self, keys):
+        for k in keys:
+            del self.rows[k]
+        self.keys = [k for k in self.keys if k in self.rows]
+
+    def rollback(self, key, n_tokens):
+        del self.rows[key][len(self.rows[key]) - n_tokens:]
+
+    @torch.no_grad()
+    def _generate(self, keys, max_new_tokens, stop_ids, temperature, top_p):
+        device = next(self.model.parameters()).device
+        width = max(len(self.rows[k]) for k in keys)
+        ids = torch.full((len(keys), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, k in enumerate(keys):
+            row = self.rows[k]
+            ids[i, width - len(row):] = torch.tensor(row)
+            mask[i, width - len(row):] = 1
+        ctx = contextlib.nullcontext() if self.adapter else lm.adapter_off(self.model)
+        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else \
+            dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+        with ctx:
+            out = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                      max_new_tokens=max_new_tokens, eos_token_id=sorted(stop_ids),
+                                      pad_token_id=self.pad_id, output_scores=True,
+                                      return_dict_in_generate=True, **sampling)
+        self.prefill_tokens += int(mask.sum())
+        self.decode_steps += len(out.scores) - 1
+        result = {}
+        for i, k in enumerate(keys):
+            new = out.sequences[i, width:].tolist()
+            tokens, logprobs = [], []
+            for step, tok in enumerate(new):
+                tokens.append(tok)
+                logprobs.append(float(torch.log_softmax(out.scores[step][i].float(), -1)[tok]))
+                if tok in stop_ids:
+                    break
+            self.rows[k].extend(tokens)
+            self.generated_tokens += len(tokens)
+            result[k] = (tokens, logprobs)
+        return result
+
+    def generate(self, max_new_tokens, stop_ids, temperature=0.0, top_p=1.0, generator=None):
+        if self.batched:
+            return self._generate(self.keys, max_new_tokens, stop_ids, temperature, top_p)
+        out = {}
+        for k in self.keys:
+            out.update(self._generate([k], max_new_tokens, stop_ids, temperature, top_p))
+        return out
+
+
+def load(args):
+    if args.arch:
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        lm.quiet_transformers()
+        tokenizer = AutoTokenizer.from_pretrained(lm.embedded_path())  # ids < 49152 fit any vocab below
+        spec = dict(ARCHS[args.arch])
+        model_config = AutoConfig.for_model(spec.pop("model_type"), **spec, tie_word_embeddings=False)
+        device = lm.pick_device("auto")
+        dtype = lm.pick_dtype("auto", device)
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(model_config, dtype=dtype)
+        if args.quantization != "none":  # quantise the random weights the way from_pretrained would
+            import tempfile
+            with tempfile.TemporaryDirectory() as tmp:
+                model.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
+                del model
+                tokenizer, model = lm.load_model({"name_or_path": tmp, "quantization": args.quantization,
+                                                  "dtype": "auto", "device": "auto"})
+        return tokenizer, model.eval()
+    return lm.load_model({"name_or_path": args.model, "quantization": args.quantization, "dtype": "auto",
+                          "device": "auto"})
+
+
+def run_one(args, method, tokenizer, model):
+    cfg = config.load()
+    sim_cfg = {**cfg["simulator"], "appraiser": "lexical", "utterance": "llm", "temperature": 0.0,
+               "max_turns": args.turns, "max_new_tokens": args.user_tokens,
+               "rules": {**cfg["simulator"]["rules"], "patience": 10 ** 6, "reject_threshold": -1.0}}
+    roll_cfg = {**cfg["rollout"], "temperature": 0.0, "max_new_tokens": args.policy_tokens, "max_context": 8192}
+    made = []
+
+    def decoder(model_, pad_id, adapter=True):
+        d = rollout.KVBatch(model_, pad_id, adapter) if method == "kv" else \
+            GenerateBatch(model_, pad_id, adapter, batched=(method == "generate_batched"))
+        made.append(d)
+        return d
+
+    people = P.sample_many(cfg["personas"]["domains"], args.dialogues, seed=0)
+    sim = S.CognitiveUserSimulator(sim_cfg, model, tokenizer, seed=0, decoder=decoder)
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    trajs = rollout.run(model, tokenizer, sim, people, roll_cfg, decoder=decoder)
+    if cuda:
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    generated = sum(d.generated_tokens for d in made)
+    result = {"method": method, "wall_s": round(wall, 2), "generated_tokens": generated,
+              "tok_s": round(generated / wall, 1), "prefill_tokens": sum(d.prefill_tokens for d in made),
+              "decode_steps": sum(d.decode_steps for d in made),
+              "turns": sum(t.n_turns for t in trajs),
+              "dialogue_hash": hashlib.sha1(json.dumps([t.ids for t in trajs]).encode()).hexdigest()[:12]}
+    if cuda:
+        result["peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
+        name = torch.cuda.get_device_name()
+        peak = next((bw for key, bw in PEAK_BANDWIDTH.items() if key in name), None)
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        if peak:  # every decode step reads all weights at least once; time includes prefill: lower bound
+            result["mbu_lower_bound"] = round(result["decode_steps"] * weight_bytes / wall / peak, 3)
+        result["device"] = name
+    else:
+        result["peak_mem_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2)
+        result["device"] = f"cpu x{torch.get_num_threads()}"
+    return result
+
+
+def child(args):
+    tokenizer, model = load(args)
+    rollout.KVBatch(model, tokenizer.pad_token_id)  # import-time warm-up is not part of any timing
+    print(json.dumps(run_one(args, args.one, tokenizer, model)))
+
+
+def spawn(args, method, dialogues, turns):
+    cmd = [sys.executable, os.path.abspath(__file__), "--one", method, "--dialogues", str(dialogues),
+           "--turns", str(turns), "--policy-tokens", str(args.policy_tokens), "--user-tokens",
+           str(args.user_tokens), "--model", args.model, "--quantization", args.quantization]
+    if args.arch:
+        cmd += ["--arch", args.arch]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"bench child '{method}' failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def table(rows):
+    head = f"{'method':18s} {'dialogues':>9s} {'turns':>5s} {'wall s':>8s} {'gen tok':>8s} {'tok/s':>7s} " \
+           f"{'prefill tok':>11s} {'peak GB':>8s} {'same dialogues':>14s}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(f"{r['method']:18s} {r['dialogues']:9d} {r['turns_cfg']:5d} {r['wall_s']:8.1f} {r['generated_tokens']:8d} "
+              f"{r['tok_s']:7.1f} {r['prefill_tokens']:11d} {r['peak_mem_gb']:8.2f} {str(r['same_as_kv']):>14s}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dialogues", type=int, default=16)
+    parser.add_argument("--turns", type=int, default=6)
+    parser.add_argument("--policy-tokens", type=int, default=32, help="max new tokens per agent turn")
+    parser.add_argument("--user-tokens", type=int, default=24, help="max new tokens per user line")
+    parser.add_argument("--model", default=lm.EMBEDDED)
+    parser.add_argument("--arch", choices=sorted(ARCHS), help="random-init model of this architecture")
+    parser.add_argument("--quantization", default="none", choices=["none", "4bit", "8bit"])
+    parser.add_argument("--methods", default="kv,generate_batched,generate_single")
+    parser.add_argument("--sweep", action="store_true", help="also sweep batch size x turns (kv, generate_batched)")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        return child(args)
+    grid = [(args.dialogues, args.turns, m) for m in args.methods.split(",")]
+    if args.sweep:
+        grid += [(d, t, m) for d in (4, 32) for t in (3, 6) for m in ("kv", "generate_batched")]
+    rows = []
+    for dialogues, turns, method in grid:
+        r = spawn(args, method, dialogues, turns)
+        r.update(dialogues=dialogues, turns_cfg=turns)
+        rows.append(r)
+        print(f"  {method:17s} {dialogues:3d} dialogues x {turns} turns: {r['tok_s']:.1f} tok/s", file=sys.stderr)
+    for r in rows:
+        kv = next(x for x in rows if x["method"] == "kv" and x["dialogues"] == r["dialogues"]
+                  and x["turns_cfg"] == r["turns_cfg"])
+        r["same_as_kv"] = r["dialogue_hash"] == kv["dialogue_hash"]
+    print(f"\nrollout throughput, {rows[0]['device']}, model {args.arch or args.model} ({args.quantization}), "
+          f"greedy, <= {args.policy_tokens} agent / {args.user_tokens} user tokens per turn")
+    table(rows)
+    main_rows = {r["method"]: r for r in rows[:len(args.methods.split(","))]}
+    summary = {"dialogues": args.dialogues, "turns": args.turns, "device": rows[0]["device"],
+               "model": args.arch or args.model, "quantization": args.quantization}
+    for m, r in main_rows.items():
+        summary[f"{m}_tok_s"] = r["tok_s"]
+        summary[f"{m}_peak_gb"] = r["peak_mem_gb"]
+        if "mbu_lower_bound" in r:
+            summary[f"{m}_mbu"] = r["mbu_lower_bound"]
+    if "kv" in main_rows:
+        for m in main_rows:
+            if m != "kv":
+                summary[f"speedup_vs_{m}"] = round(main_rows["kv"]["tok_s"] / main_rows[m]["tok_s"], 2)
+        summary["identical_dialogues"] = all(r["same_as_kv"] for r in main_rows.values())
+    if args.sweep:
+        summary["sweep"] = [{k: r[k] for k in ("method", "dialogues", "turns_cfg", "tok_s")} for r in rows]
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,226 @@
+"""SAVPO losses on hand-computed values, and the trainer on a tiny random model."""
+import json
+import math
+import os
+
+import pytest
+import torch
+
+import config
+import lm
+import savpo
+from conftest import make_tiny_model
+
+
+# ----------------------------------------------------------------------------- AOPSD
+
+def test_token_kl_hand_computed_and_zero_when_identical():
+    teacher = torch.tensor([[0.0, math.log(3.0)]])      # p_T = [0.25, 0.75]
+    student = torch.tensor([[0.0, 0.0]])                # p_S = [0.5, 0.5]
+    expected = 0.25 * math.log(0.25 / 0.5) + 0.75 * math.log(0.75 / 0.5)
+    assert savpo.token_kl(student, teacher).item() == pytest.approx(expected, abs=1e-6)
+    assert savpo.token_kl(teacher, teacher).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_topk_with_tail_bucket():
+    teacher = torch.tensor([[math.log(0.5), math.log(0.3), math.log(0.2)]])
+    student = torch.tensor([[math.log(0.2), math.log(0.4), math.log(0.4)]])
+    # k = 1: the teacher's top token (p 0.5 vs 0.2) plus a tail bucket (0.5 vs 0.8)
+    expected = 0.5 * math.log(0.5 / 0.2) + 0.5 * math.log(0.5 / 0.8)
+    assert savpo.token_kl(student, teacher, vocab="topk", topk=1).item() == pytest.approx(expected, abs=1e-5)
+    full = savpo.token_kl(student, teacher).item()
+    assert savpo.token_kl(student, teacher, vocab="topk", topk=3).item() == pytest.approx(full, abs=1e-5)
+
+
+def test_aopsd_is_a_turn_mean_then_weighted_over_turns():
+    torch.manual_seed(0)
+    V = 11
+    student = torch.randn(1, 5, V)
+    teacher = torch.randn(1, 5, V)
+    mask = torch.tensor([[1, 1, 0, 1, 1]])
+    turns = torch.tensor([[0, 0, 0, 1, 2]])
+    kl = savpo.token_kl(student[0], teacher[0])
+    loss, mean_kl = savpo.aopsd_loss(student, teacher, mask, turns)
+    turn_means = [(kl[0] + kl[1]) / 2, kl[3], kl[4]]
+    assert loss.item() == pytest.approx(float(sum(turn_means) / 3), abs=1e-6)
+    assert mean_kl.item() == pytest.approx(float((kl[0] + kl[1] + kl[3] + kl[4]) / 4), abs=1e-6)
+    weights = torch.tensor([[1.0, 0.0, 3.0]])
+    loss_w, _ = savpo.aopsd_loss(student, teacher, mask, turns, turn_weights=weights)
+    assert loss_w.item() == pytest.approx(float((turn_means[0] + 3 * turn_means[2]) / 4), abs=1e-6)
+    clipped, _ = savpo.aopsd_loss(student, teacher, mask, turns, clip=1e-3)
+    assert clipped.item() == pytest.approx(1e-3, abs=1e-7)
+    assert savpo.aopsd_loss(teacher, teacher, mask, turns)[0].item() == pytest.approx(0.0, abs=1e-6)
+    assert loss.item() > 0
+
+
+def test_chunking_changes_nothing_and_gradients_reach_the_student_only():
+    torch.manual_seed(1)
+    student = torch.randn(1, 7, 50, requires_grad=True)
+    teacher = torch.randn(1, 7, 50, requires_grad=True)
+    mask = torch.ones(1, 7, dtype=torch.long)
+    turns = torch.tensor([[0, 0, 1, 1, 1, 2, 2]])
+    grads = []
+    for chunk in (2, 256):
+        student.grad = None
+        loss, _ = savpo.aopsd_loss(student, teacher, mask, turns, chunk=chunk)
+        loss.backward()
+        grads.append(student.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1])
+    assert teacher.grad is None                  # the teacher is a stop-gradient target
+    assert grads[0].abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------- STPR
+
+def test_stpr_worked_example():
+    rewards = torch.tensor([1.0, 0.0, 0.0])
+    dw = [torch.tensor([0.5]), torch.tensor([0.5, 0.0, -0.5]), torch.tensor([0.0])]
+    groups = torch.tensor([0, 0, 0])
+    adv, per_turn = savpo.stpr_advantages(rewards, dw, groups, "direction")
+    s = 1 / math.sqrt(2)
+    torch.testing.assert_close(adv, torch.tensor([2 * s, -s, -s]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(per_turn[1], torch.tensor([s, -s, -s]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(per_turn[0], torch.tensor([2 * s]), atol=1e-4, rtol=0)
+    _, outcome = savpo.stpr_advantages(rewards, dw, groups, "outcome")
+    torch.testing.assert_close(outcome[1], torch.tensor([-s, -s, -s]), atol=1e-4, rtol=0)
+    _, additive = savpo.stpr_advantages(rewards, dw, groups, "additive", beta=1.0)
+    dw_std = torch.cat(dw).std(unbiased=False)
+    torch.testing.assert_close(additive[1], -s + torch.tensor([0.5, 0.0, -0.5]) / dw_std, atol=1e-4, rtol=0)
+
+
+def test_stpr_groups_are_normalised_separately_and_equal_rewards_give_zero():
+    rewards = torch.tensor([1.0, 1.0, 1.0, 0.0])
+    dw = [torch.tensor([1.0])] * 4
+    adv, per_turn = savpo.stpr_advantages(rewards, dw, torch.tensor([0, 0, 1, 1]), "direction")
+    assert adv[0] == 0 and adv[1] == 0 and per_turn[0].item() == 0     # no outcome contrast, no signal
+    assert adv[2] > 0 > adv[3]
+    assert per_turn[3].item() > 0    # failed call, but the turn raised willingness: reinforced
+
+
+# ----------------------------------------------------------------------------- clipped PG
+
+def test_clipped_pg_hand_computed():
+    logp = torch.tensor([[0.5, -0.7, 0.0]])
+    old = torch.zeros(1, 3)
+    adv = torch.tensor([[1.0, -1.0, 2.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    loss, frac = savpo.clipped_pg_loss(logp, old, adv, mask, eps_low=0.2, eps_high=0.28)
+    # token 1: ratio e^0.5 = 1.65 > 1.28, A > 0 -> 1.28; token 2: ratio e^-0.7 = 0.50, A < 0 ->
+    # min(-0.50, -0.8) = -0.8; token 3 masked out
+    assert loss.item() == pytest.approx(-(1.28 - 0.8) / 2, abs=1e-5)
+    assert frac.item() == pytest.approx(1.0)
+    unclipped, frac0 = savpo.clipped_pg_loss(old, old, adv, mask)
+    assert unclipped.item() == pytest.approx(0.0) and frac0.item() == 0.0
+    assert savpo.ref_kl(logp, logp, mask).item() == pytest.approx(0.0)
+    assert savpo.ref_kl(logp, old, mask).item() > 0
+
+
+# ----------------------------------------------------------------------------- trainer
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, tokenizer):
+    path = tmp_path_factory.mktemp("tiny")
+    model = make_tiny_model(tokenizer)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def tiny_cfg(tiny_dir, out, *extra):
+    return config.load(None, [f"model.name_or_path={tiny_dir}", f"out_dir={out}", "train.steps=2",
+                              "train.personas_per_step=2", "train.group_size=2", "train.micro_batch=2",
+                              "rollout.max_new_tokens=6", "simulator.max_turns=2", "simulator.utterance=template",
+                              "personas.eval_n=2", "train.save_every=1", "train.lr=1e-2",
+                              "aopsd.placement=system", *extra])
+
+
+def lora_state(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n and ".default." in n}
+
+
+@pytest.mark.parametrize("algo", ["savpo", "grpo", "distill", "refine"])
+def test_two_step_smoke_run_of_each_preset(tiny_dir, tmp_path, algo):
+    cfg = tiny_cfg(tiny_dir, tmp_path / algo, f"algo={algo}")
+    trainer = savpo.Trainer(cfg, log=lambda *a: None)
+    before = lora_state(trainer.model)
+    result = trainer.train()
+    lines = [json.loads(l) for l in open(tmp_path / algo / "metrics.jsonl")]
+    assert [l["step"] for l in lines] == [1, 2]
+    for l in lines:
+        assert all(math.isfinite(v) for v in l.values() if isinstance(v, float))
+    after = lora_state(trainer.model)
+    moved = any(not torch.equal(before[n], after[n]) for n in before)
+    if algo in ("savpo", "distill"):   # the distillation signal is dense: weights must move
+        assert moved and lines[0]["aopsd_kl"] > 0
+    else:                              # random model, no accepts: no outcome contrast, no update
+        assert lines[0]["pg_loss"] == 0.0 and lines[0]["aopsd_kl"] == 0.0
+    assert "success_rate" in result
+    assert os.path.exists(tmp_path / algo / "config.yaml")
+    samples = [json.loads(l) for l in open(tmp_path / algo / "samples.jsonl")]
+    assert samples and "hidden_concerns" in samples[0] and samples[0]["states"]
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    ckpt = tmp_path / algo / "checkpoints" / open(tmp_path / algo / "checkpoints" / "latest").read()
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), ckpt / "adapter")
+    for n, p in lora_state(loaded).items():
+        torch.testing.assert_close(p, after[n])
+
+
+def test_policy_gradient_raises_the_likelihood_of_accepted_dialogues(tiny_dir, tmp_path):
+    cfg = tiny_cfg(tiny_dir, tmp_path / "pg", "algo=grpo", "train.lr=5e-2")
+    trainer = savpo.Trainer(cfg, log=lambda *a: None)
+    trajs, _, _ = trainer.collect(0)
+    for i, t in enumerate(trajs):                # pretend the first rollout of each group succeeded
+        t.decision = "accept" if i % 2 == 0 else "reject"
+
+    def mean_logp(ts):
+        out = []
+        with torch.no_grad():
+            for t in ts:
+                pos, tgt, _, _ = savpo.agent_targets(t)
+                h = savpo._hidden(trainer.model, [t.ids], trainer.tokenizer.pad_token_id)
+                logits = savpo._logits_at(trainer.model, h, (torch.zeros(len(pos), dtype=torch.long), torch.tensor(pos)))
+                out.append(torch.log_softmax(logits / 0.7, -1).gather(-1, torch.tensor(tgt)[:, None]).mean())
+        return torch.stack(out).mean().item()
+
+    good, bad = trajs[0::2], trajs[1::2]
+    before = mean_logp(good) - mean_logp(bad)
+    _, per_turn = trainer.advantages(trajs)
+    stats = trainer.update(trajs, per_turn, 0)
+    assert stats["pg_loss"] != 0.0
+    assert mean_logp(good) - mean_logp(bad) > before + 0.05
+
+
+def test_resume_reproduces_a_straight_run(tiny_dir, tmp_path):
+    straight = savpo.Trainer(tiny_cfg(tiny_dir, tmp_path / "a", "train.steps=3"), log=lambda *a: None)
+    straight.train()
+    first = savpo.Trainer(tiny_cfg(tiny_dir, tmp_path / "b", "train.steps=2"), log=lambda *a: None)
+    first.train()
+    resumed = savpo.Trainer(tiny_cfg(tiny_dir, tmp_path / "b", "train.steps=3"), resume=True, log=lambda *a: None)
+    assert resumed.step == 2
+    resumed.train()
+    a, b = lora_state(straight.model), lora_state(resumed.model)
+    for n in a:
+        torch.testing.assert_close(a[n], b[n], atol=1e-6, rtol=1e-5)
+    timing = {"rollout_tok_s", "rollout_s", "step_s", "peak_mem_gb"}
+    la = [{k: v for k, v in json.loads(l).items() if k not in timing} for l in open(tmp_path / "a" / "metrics.jsonl")]
+    lb = [{k: v for k, v in json.loads(l).items() if k not in timing} for l in open(tmp_path / "b" / "metrics.jsonl")]
+    assert la == lb
+
+
+def test_one_base_model_serves_every_role(tiny_dir, tmp_path):
+    trainer = savpo.Trainer(tiny_cfg(tiny_dir, tmp_path / "one"), log=lambda *a: None)
+    from transformers import AutoModelForCausalLM
+    alone = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_dir).parameters())
+    assert lm.count_base_parameters(trainer.model) == alone
+    assert trainer.simulator.model is trainer.model       # simulator = same weights, adapter disabled
+    trainable = sum(p.numel() for p in trainer.params)
+    assert 0 < trainable < alone / 5                       # only LoRA matrices train
+
+
+def test_cli_refuses_bad_config_and_existing_run(tmp_path):
+    with pytest.raises(SystemExit, match="unknown config key 'train.stepz'"):
+        savpo.main(["train.stepz=3"])
+    (tmp_path / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(SystemExit, match="--resume"):
+        savpo.main([f"out_dir={tmp_path}"])
