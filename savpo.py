@@ -509,6 +509,8 @@ class Trainer:
         bar.close()
         if not t["save_every"] or self.step % t["save_every"]:
             self.save_checkpoint()
+        import eval as evaluation
+        evaluation.plot_curves(self.out)
         return self.evaluate()
 
 
@@ -575,7 +577,7 @@ def main(argv=None):
           f"{sum(p.numel() for p in trainer.params):,} trainable LoRA parameters; writing to {cfg['out_dir']}")
     result = trainer.train()
     print(f"final evaluation on held-out personas: {json.dumps(result)}")
-    print(f"outputs: {cfg['out_dir']}/metrics.jsonl, samples.jsonl, config.yaml, checkpoints/")
+    print(f"outputs: {cfg['out_dir']}/metrics.jsonl, samples.jsonl, curves.png, config.yaml, checkpoints/")
 
 
 if __name__ == "__main__":

@@ -280,9 +280,13 @@ def _generative_prompt(tokenizer, agent_text, persona):
 
 
 def echoes(line, agent_text, n=5):
-    """A user line that repeats n consecutive words of the agent's turn speaks the agent's part."""
+    """A user line that repeats n consecutive words of the agent's turn (all of them, for a turn of
+    2-4 words) speaks the agent's part."""
     words = lambda s: re.findall(r"[a-z']+", s.lower())
     a, u = words(agent_text), words(line)
+    n = min(n, len(a))
+    if n < 2:
+        return False
     grams = {tuple(a[k:k + n]) for k in range(len(a) - n + 1)}
     return any(tuple(u[k:k + n]) in grams for k in range(len(u) - n + 1))
 
@@ -498,7 +502,8 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. simulator.appraiser=llm")
     args = parser.parse_args()
-    cfg = config.load(None, args.overrides)
+    # the demo shows the simulator model speaking; training on the CPU defaults to bank lines
+    cfg = config.load(None, ["simulator.utterance=llm", *args.overrides])
     torch.manual_seed(args.seed)
     tokenizer, model = lm.load_model(cfg["model"])
     persona = P.sample(args.domain, 1, args.seed)[0]

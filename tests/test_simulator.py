@@ -131,6 +131,8 @@ def test_generative_parser_is_strict():
 def test_echo_and_role_inversion_detection():
     assert S.echoes("Sure, we offer the best commission rates in town", "We offer the best commission rates in town!")
     assert not S.echoes("The commission worries me.", "What do you think about the commission?")
+    assert S.echoes("The Great One Calls.", "The Great One Calls.")            # short turns echo whole
+    assert not S.echoes("Hello, yes?", "Hello!")
     assert S.ROLE_INVERSION.search("Agent: hello there")
     assert S.ROLE_INVERSION.search("Hi, I'm calling from QuickBite")
     assert not S.ROLE_INVERSION.search("Hello, who is this?")
