@@ -1,32 +1,276 @@
-"""Evaluation of a policy against the Cognitive User Simulator on held-out personas.
+"""Evaluate policies against the Cognitive User Simulator on held-out personas.
 
-    python eval.py                                   # the base model
-    python eval.py --adapter runs/default/checkpoints/step_000010/adapter
+    python eval.py                                             # the base model
+    python eval.py --adapter runs/default/checkpoints/step_000008/adapter
+    python eval.py --pilot --adapter RUN_A/.../adapter --adapter RUN_B/.../adapter
+    python eval.py --appraiser llm                             # cross-simulator: another appraiser
+    python eval.py --simulator-model PATH_OR_ID                # cross-simulator: another simulator model
+
+Every policy plays `--n` sampled dialogues with each held-out persona (config `personas.eval_seed`,
+disjoint from the training personas, which is checked). Output in `--out` (default runs/eval):
+metrics.json, report.md (tables), success.png, pass_at_k.png, strata.png, willingness.png.
+
+Metrics, overall and per domain and per stratum, with counts:
+- outcome: success rate (accept), pass@k (unbiased estimator over the n samples of a persona),
+  average agent turns to success, hang-up, reject and turn-budget (timeout/overflow) rates;
+- proactivity: share of hidden concerns revealed and resolved, the agent turn (1-based) of the first
+  probe of each concern, mean willingness change per agent turn;
+- privilege leak rate: share of agent turns that *name* a concern the user has not revealed yet --
+  a distinctive 4-word phrase of the concern's statement, or "you're worried / I know you ... <cue>"
+  -- which a conversation-only policy cannot know (a plain probing question is not a leak);
+- simulator health: parse failures, role inversions, empty and inconsistent lines, truncations.
+
+The pilot study (`--pilot`) is the paper's first experiment in miniature: the base policy with the
+conversation-only view, the *same* base policy given the privileged view (hidden concerns in its
+prompt, `aopsd.placement`), and any trained adapters, compared by pass@k for k = 1..n. The report
+says plainly whether the privileged policy beats the base one here.
 """
+
+import argparse
+import json
+import math
+import os
+import re
 
 import torch
 
+import config
+import lm
+import personas as P
 import rollout
-import savpo
 import simulator as S
 
+STOPWORDS = set("i you your my me we our the a an and or to of in on for is are be it that this with "
+                "at as so but if do don't not no have has can will would just about from".split())
+LEAK_PATTERN = re.compile(r"\b(you'?re|you are|you seem|i know you|i understand you|you mentioned|your "
+                          r"(worry|concern|fear))\b[^.?!]{0,60}", re.I)
+
+
+# --------------------------------------------------------------------------- metrics
+
+def pass_at_k(n, c, k):
+    """Unbiased pass@k (Chen et al. 2021): the chance that at least one of k samples drawn without
+    replacement from n, of which c succeeded, succeeds. 1 - C(n-c, k) / C(n, k)."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def _grams(text, n=4):
+    words = re.findall(r"[a-z']+", text.lower())
+    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)
+            if not all(w in STOPWORDS for w in words[i:i + n])}
+
+
+def leaked_concerns(agent_text, persona, concern_status):
+    """Concerns the agent *names* while they are still hidden: a distinctive 4-word phrase of the
+    concern's statement, or a 'you're worried / I know you ...' phrase followed by one of its cues."""
+    low = agent_text.lower()
+    asserted = " ".join(m.group(0) for m in LEAK_PATTERN.finditer(low))
+    leaks = []
+    for c in persona.concerns:
+        if concern_status.get(c.id) != "hidden":
+            continue
+        if _grams(c.statement) & _grams(low) or (asserted and any(cue in asserted for cue in c.probe_cues)):
+            leaks.append(c.id)
+    return leaks
+
+
+def dialogue_facts(traj):
+    """Per-dialogue numbers every aggregate is built from."""
+    agent_texts = [m["content"] for m in traj.messages if m["role"] == "assistant"]
+    status = {c.id: "hidden" for c in traj.persona.concerns}
+    first_probe, leak_turns = {}, 0
+    for k, (text, state) in enumerate(zip(agent_texts, traj.states)):
+        leak_turns += bool(leaked_concerns(text, traj.persona, status))
+        for cid in state["events"]["probed"]:
+            first_probe.setdefault(cid, k + 1)
+        status = state["concern_status"]
+    final = traj.states[-1]["concern_status"] if traj.states else status
+    return {"success": traj.reward, "decision": traj.decision, "turns": traj.n_turns,
+            "concerns": len(status), "revealed": sum(v != "hidden" for v in final.values()),
+            "resolved": sum(v == "resolved" for v in final.values()),
+            "first_probe": list(first_probe.values()),
+            "dw": [s["delta_willingness"] for s in traj.states], "leak_turns": leak_turns,
+            "willingness": [traj.persona.willingness] + [s["willingness"] for s in traj.states]}
+
+
+def aggregate(trajs, ks=None):
+    """Metrics of a set of trajectories (several samples per persona allowed)."""
+    facts = [dialogue_facts(t) for t in trajs]
+    n = len(facts)
+    if n == 0:
+        return {"dialogues": 0}
+    by_persona = {}
+    for t, f in zip(trajs, facts):
+        by_persona.setdefault(t.persona.persona_id, []).append(f["success"])
+    samples = min(len(v) for v in by_persona.values())
+    ks = ks or list(range(1, samples + 1))
+    wins = [f for f in facts if f["success"]]
+    turns = sum(f["turns"] for f in facts)
+    concerns = sum(f["concerns"] for f in facts) or 1
+    probes = [x for f in facts for x in f["first_probe"]]
+    dws = [x for f in facts for x in f["dw"]]
+    rate = lambda *ds: round(sum(f["decision"] in ds for f in facts) / n, 4)
+    return {
+        "dialogues": n, "personas": len(by_persona),
+        "success_rate": round(len(wins) / n, 4),
+        "pass_at_k": {k: round(sum(pass_at_k(len(v), int(sum(v)), k) for v in by_persona.values())
+                               / len(by_persona), 4) for k in ks if k <= samples},
+        "turns_to_success": round(sum(f["turns"] for f in wins) / len(wins), 2) if wins else None,
+        "hangup_rate": rate("hangup"), "reject_rate": rate("reject"), "timeout_rate": rate("timeout", "overflow"),
+        "reveal_rate": round(sum(f["revealed"] for f in facts) / concerns, 4),
+        "resolve_rate": round(sum(f["resolved"] for f in facts) / concerns, 4),
+        "first_probe_turn": round(sum(probes) / len(probes), 2) if probes else None,
+        "willingness_gain_per_turn": round(sum(dws) / len(dws), 4) if dws else 0.0,
+        "leak_rate": round(sum(f["leak_turns"] for f in facts) / max(1, turns), 4),
+    }
+
+
+def breakdown(trajs):
+    """Overall, per domain and per stratum."""
+    out = {"overall": aggregate(trajs), "domain": {}, "stratum": {}}
+    for key, attr in (("domain", "domain"), ("stratum", "stratum")):
+        groups = {}
+        for t in trajs:
+            groups.setdefault(getattr(t.persona, attr), []).append(t)
+        out[key] = {g: aggregate(ts) for g, ts in sorted(groups.items())}
+    return out
+
+
+# --------------------------------------------------------------------------- running policies
 
 @torch.no_grad()
-def quick(model, tokenizer, cfg, persona_list, seed=0, group_size=1):
-    """Success rate and state metrics of `group_size` rollouts per persona (savpo's periodic eval)."""
+def play(model, tokenizer, cfg, persona_list, n, seed, privileged=None, sim_model=None, sim_tokenizer=None):
+    """n sampled dialogues per persona; returns (trajectories, simulator health counters)."""
     was_training = model.training
     model.eval()
-    sim = S.CognitiveUserSimulator(cfg["simulator"], model, tokenizer, seed=seed + 1)
-    trajs = rollout.run(model, tokenizer, sim, persona_list, cfg["rollout"], group_size=group_size,
-                        seed=seed + 7)
+    sim = S.CognitiveUserSimulator(cfg["simulator"], sim_model or model, sim_tokenizer or tokenizer, seed=seed + 1)
+    trajs = rollout.run(model, tokenizer, sim, persona_list, cfg["rollout"], group_size=n, seed=seed + 7,
+                        privileged=privileged)
     model.train(was_training)
-    return savpo.summarize(trajs)
+    return trajs, dict(sim.stats)
+
+
+def quick(model, tokenizer, cfg, persona_list, seed=0, group_size=1):
+    """savpo.py's periodic evaluation: the overall metrics of the current policy."""
+    trajs, health = play(model, tokenizer, cfg, persona_list, group_size, seed)
+    overall = aggregate(trajs)
+    overall.pop("pass_at_k")
+    return {**overall, "simulator_health": health}
+
+
+def train_personas(cfg):
+    t = cfg["train"]
+    return P.sample_many(cfg["personas"]["domains"], t["steps"] * t["personas_per_step"], cfg["personas"]["train_seed"])
+
+
+def eval_personas(cfg, n=None):
+    """Held-out personas, checked disjoint from the training personas of `cfg`."""
+    train = train_personas(cfg)
+    held = P.sample_many(cfg["personas"]["domains"], n or cfg["personas"]["eval_n"], cfg["personas"]["eval_seed"],
+                         exclude_ids={p.persona_id for p in train})
+    P.check_disjoint(train, held)
+    return held
+
+
+# --------------------------------------------------------------------------- report
+
+def write_report(results, out_dir, title):
+    """metrics.json, report.md and plots for {policy name: breakdown}."""
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+        json.dump(results, f, indent=1, default=str)
+    names = list(results)
+    cols = ["success_rate", "hangup_rate", "reject_rate", "timeout_rate", "reveal_rate", "resolve_rate",
+            "first_probe_turn", "willingness_gain_per_turn", "leak_rate"]
+    lines = [f"# {title}", "", "| policy | dialogues | " + " | ".join(cols) + " |",
+             "|---|---|" + "---|" * len(cols)]
+    for name in names:
+        o = results[name]["overall"]
+        lines.append(f"| {name} | {o['dialogues']} | " + " | ".join(str(o[c]) for c in cols) + " |")
+    ks = sorted({int(k) for name in names for k in results[name]["overall"]["pass_at_k"]})
+    lines += ["", "pass@k (unbiased, per persona, averaged):", "",
+              "| policy | " + " | ".join(f"k={k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
+    for name in names:
+        pk = results[name]["overall"]["pass_at_k"]
+        lines.append(f"| {name} | " + " | ".join(str(pk.get(k, pk.get(str(k), ""))) for k in ks) + " |")
+    for part in ("domain", "stratum"):
+        lines += ["", f"Success rate per {part} (dialogues):", "", "| policy | " +
+                  " | ".join(sorted(results[names[0]][part])) + " |",
+                  "|---|" + "---|" * len(results[names[0]][part])]
+        for name in names:
+            cells = [f"{v['success_rate']} ({v['dialogues']})" for _, v in sorted(results[name][part].items())]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "Simulator health (counts): " + "; ".join(f"{n}: {results[n].get('simulator_health')}"
+                                                            for n in names)]
+    with open(os.path.join(out_dir, "report.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    _plots(results, out_dir)
+    return os.path.join(out_dir, "report.md")
+
+
+def _plots(results, out_dir):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = list(results)
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.bar(names, [results[n]["overall"]["success_rate"] for n in names], color="tab:blue")
+    ax.bar(names, [results[n]["overall"]["reveal_rate"] for n in names], color="tab:orange", alpha=0.5,
+           label="concerns revealed")
+    ax.set_ylim(0, 1)
+    ax.set_title("success rate (blue) and concerns revealed (orange)")
+    ax.tick_params(axis="x", labelrotation=20, labelsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "success.png"), dpi=110)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(5, 3))
+    for n in names:
+        pk = results[n]["overall"]["pass_at_k"]
+        ks = sorted(int(k) for k in pk)
+        ax.plot(ks, [pk.get(k, pk.get(str(k))) for k in ks], marker="o", label=n)
+    ax.set_xlabel("k")
+    ax.set_ylabel("pass@k")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "pass_at_k.png"), dpi=110)
+    plt.close(fig)
+    strata = sorted(results[names[0]]["stratum"])
+    fig, ax = plt.subplots(figsize=(max(6, len(strata) * 0.5), 3))
+    width = 0.8 / len(names)
+    for i, n in enumerate(names):
+        ax.bar([x + i * width for x in range(len(strata))],
+               [results[n]["stratum"].get(s, {}).get("reveal_rate", 0) for s in strata], width, label=n)
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(strata))], strata, rotation=60, fontsize=6)
+    ax.set_title("concerns revealed per stratum")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "strata.png"), dpi=110)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(5, 3))
+    for n in names:
+        curve = results[n].get("willingness_by_turn", [])
+        ax.plot(range(len(curve)), curve, marker="o", label=n)
+    ax.set_xlabel("agent turn")
+    ax.set_ylabel("mean willingness (live dialogues)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "willingness.png"), dpi=110)
+    plt.close(fig)
+
+
+def willingness_by_turn(trajs):
+    """Mean willingness before turn 1, after turn 1, ... over the dialogues still running."""
+    curves = [dialogue_facts(t)["willingness"] for t in trajs]
+    longest = max(map(len, curves)) if curves else 0
+    return [round(sum(c[k] for c in curves if len(c) > k) / sum(len(c) > k for c in curves), 3)
+            for k in range(longest)]
 
 
 def plot_curves(run_dir):
     """curves.png next to a run's metrics.jsonl: loss terms and rollout outcomes per step."""
-    import json
-    import os
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -52,3 +296,91 @@ def plot_curves(run_dir):
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+# --------------------------------------------------------------------------- CLI
+
+def _adapter_run_config(path):
+    """The config.yaml of the run an adapter came from (RUN/checkpoints/step_N/adapter), if any."""
+    run = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(path))))
+    cfg_path = os.path.join(run, "config.yaml")
+    return config.load(cfg_path) if os.path.exists(cfg_path) else None
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Evaluate policies against the Cognitive User Simulator.")
+    parser.add_argument("--adapter", action="append", default=[], help="a saved LoRA adapter (repeatable)")
+    parser.add_argument("--pilot", action="store_true", help="also the base policy given the privileged view")
+    parser.add_argument("--no-base", action="store_true", help="skip the base policy")
+    parser.add_argument("--n", type=int, default=4, help="sampled dialogues per persona (pass@k up to n)")
+    parser.add_argument("--personas", type=int, default=None, help="held-out personas (default personas.eval_n)")
+    parser.add_argument("--appraiser", choices=["lexical", "llm", "generative"], help="cross-simulator: appraiser")
+    parser.add_argument("--simulator-model", help="cross-simulator: another model plays the user")
+    parser.add_argument("--out", default="runs/eval")
+    parser.add_argument("--config", default=None)
+    parser.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
+    args = parser.parse_args(argv)
+    try:
+        cfg = config.load(args.config, args.overrides + ([f"simulator.appraiser={args.appraiser}"]
+                                                          if args.appraiser else []))
+        personas = eval_personas(cfg, args.personas)
+        for path in args.adapter:
+            if not os.path.exists(os.path.join(path, "adapter_config.json")):
+                raise SystemExit(f"--adapter {path}: no adapter_config.json there; pass a folder like "
+                                 f"RUN/checkpoints/step_N/adapter.")
+            run_cfg = _adapter_run_config(path)
+            if run_cfg is not None:  # the adapter's own training personas must not be evaluated on
+                P.check_disjoint(train_personas(run_cfg), personas)
+        tokenizer, model = lm.load_model(cfg["model"])
+        sim_model = sim_tok = None
+        if args.simulator_model:
+            sim_tok, sim_model = lm.load_model({**cfg["model"], "name_or_path": args.simulator_model})
+    except (config.ConfigError, lm.ModelError, P.DomainError, ValueError) as e:
+        raise SystemExit(f"eval: {e}")
+    seed = cfg["seed"]
+    results = {}
+
+    def record(name, privileged=None):
+        trajs, health = play(model, tokenizer, cfg, personas, args.n, seed, privileged, sim_model, sim_tok)
+        results[name] = {**breakdown(trajs), "simulator_health": health,
+                         "willingness_by_turn": willingness_by_turn(trajs)}
+        o = results[name]["overall"]
+        print(f"{name:28s} success {o['success_rate']:.3f}  pass@{args.n} {o['pass_at_k'].get(args.n)}  "
+              f"revealed {o['reveal_rate']:.3f}  resolved {o['resolve_rate']:.3f}  leak {o['leak_rate']:.3f}")
+        with open(os.path.join(args.out, f"samples_{name.replace('/', '_')}.jsonl"), "w") as f:
+            for t in trajs[::args.n]:
+                f.write(json.dumps(t.to_dict()) + "\n")
+
+    os.makedirs(args.out, exist_ok=True)
+    config.save(cfg, args.out)
+    if not args.no_base:
+        record("base")
+    if args.pilot:
+        record(f"base+privileged({cfg['aopsd']['placement']})", privileged=cfg["aopsd"]["placement"])
+    if args.adapter:
+        from peft import PeftModel
+        for i, path in enumerate(args.adapter):
+            name = f"a{i}"
+            if i == 0:
+                model = PeftModel.from_pretrained(model, path, adapter_name=name)
+            else:
+                model.load_adapter(path, adapter_name=name)
+            model.set_adapter(name)
+            run_cfg = _adapter_run_config(path)
+            run_name = os.path.basename(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(path)))))
+            record(f"{run_cfg['algo']}:{run_name}" if run_cfg else f"adapter{i}")
+    title = f"Evaluation: {len(personas)} held-out personas x {args.n} samples, appraiser " \
+            f"{cfg['simulator']['appraiser']}, simulator model {args.simulator_model or cfg['model']['name_or_path']}"
+    report = write_report(results, args.out, title)
+    if args.pilot and not args.no_base:
+        base, priv = list(results.values())[:2]
+        b, p = base["overall"]["pass_at_k"].get(args.n), priv["overall"]["pass_at_k"].get(args.n)
+        verdict = ("holds" if p > b else "does not hold") + f" here: pass@{args.n} {p} with the privileged view vs {b} without"
+        with open(report, "a") as f:
+            f.write(f"\nPilot claim (concern-conditioning unlocks successes sampling alone does not): {verdict}.\n")
+        print(f"pilot: the claim {verdict}")
+    print(f"wrote {report} and plots in {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -281,20 +281,27 @@ def teacher_view(traj, note_ids, placement):
     return teacher, index
 
 
-def _user_turn(traj, tokenizer, text, header):
+def _user_turn(traj, tokenizer, text, header, note=None):
     opening, body, closing = lm.message_ids(tokenizer, "user", text)
     traj.extend(opening + body)
     traj.note_slots.append(len(traj.ids))
-    traj.extend(closing + header)
+    traj.extend((note or []) + closing + header)
     traj.messages.append({"role": "user", "content": text})
 
 
 @torch.no_grad()
+def note_ids(tokenizer, persona):
+    """The privileged note as token ids, inserted after a message's content."""
+    return lm.encode(tokenizer, "\n" + personas.private_view(persona))
+
+
 def run(model, tokenizer, simulator, persona_list, rollout_cfg, group_size=1, seed=0, progress=False,
-        decoder=KVBatch):
+        decoder=KVBatch, privileged=None):
     """G = group_size dialogues per persona, all advanced together. Returns [Trajectory], grouped
     by persona (group id = persona index). `decoder` is KVBatch or a drop-in with the same methods
-    (bench.py's re-prefilling baselines)."""
+    (bench.py's re-prefilling baselines). `privileged` = 'system' or 'turn' lets the *policy* see
+    the hidden concerns (the pilot study's privileged policy); trajectories are then not student
+    views and must not be trained on."""
     eos, closing = lm.end_of_turn_ids(tokenizer)
     header = lm.encode(tokenizer, lm.generation_header(tokenizer))
     dialogues = [(g, p) for g, p in enumerate(persona_list) for _ in range(group_size)]
@@ -307,8 +314,9 @@ def run(model, tokenizer, simulator, persona_list, rollout_cfg, group_size=1, se
         opening_ids, body, closing_ids = lm.message_ids(tokenizer, "system", personas.agent_system_prompt(p))
         t.extend(opening_ids + body)
         t.note_slots.append(len(t.ids))
-        t.extend(closing_ids)
-        _user_turn(t, tokenizer, opening, header)
+        note = note_ids(tokenizer, p) if privileged else None
+        t.extend((note if privileged == "system" else []) + closing_ids)
+        _user_turn(t, tokenizer, opening, header, note if privileged == "turn" else None)
         policy.add(i, t.ids)
         trajs.append(t)
     generator = torch.Generator().manual_seed(seed)
@@ -351,7 +359,8 @@ def run(model, tokenizer, simulator, persona_list, rollout_cfg, group_size=1, se
                 finished.append(i)
             else:
                 before = len(t.ids)
-                _user_turn(t, tokenizer, user_msgs[i], header)
+                _user_turn(t, tokenizer, user_msgs[i], header,
+                           note_ids(tokenizer, t.persona) if privileged == "turn" else None)
                 policy.extend(i, t.ids[before:])
         policy.drop(finished)
         live = [i for i in live if i not in finished]

@@ -395,8 +395,8 @@ class Trainer:
         a = self.cfg["aopsd"]
         rows, b_idx, c_idx = [], [], []
         for b, (tr, tg) in enumerate(zip(batch, targets)):
-            note = lm.encode(self.tokenizer, "\n" + P.private_view(tr.persona))
-            teacher_ids, index = rollout.teacher_view(tr, note, a["placement"])
+            teacher_ids, index = rollout.teacher_view(tr, rollout.note_ids(self.tokenizer, tr.persona),
+                                                      a["placement"])
             rows.append(teacher_ids)
             for j in tg[0]:
                 b_idx.append(b)

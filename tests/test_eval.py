@@ -1,0 +1,102 @@
+"""eval.py: the pass@k estimator, every metric on hand-built trajectories, the leak detector,
+the report, and the refusal of evaluation personas that were trained on."""
+import json
+import os
+
+import pytest
+
+import config
+import eval as E
+import personas as P
+import rollout
+from test_simulator import persona_with
+
+
+def test_pass_at_k_hand_computed():
+    assert E.pass_at_k(4, 1, 1) == pytest.approx(0.25)
+    assert E.pass_at_k(4, 1, 2) == pytest.approx(1 - 3 / 6)
+    assert E.pass_at_k(4, 0, 3) == 0.0
+    assert E.pass_at_k(3, 2, 2) == 1.0
+    assert E.pass_at_k(5, 2, 3) == pytest.approx(1 - 1 / 10)
+
+
+def state(statuses, w, dw, decision="continue", probed=()):
+    return {"concern_status": statuses, "willingness": w, "delta_willingness": dw, "decision": decision,
+            "events": {"probed": list(probed)}}
+
+
+def make_traj(persona, agent_texts, states, decision, group=0):
+    messages = []
+    for text in agent_texts:
+        messages += [{"role": "user", "content": "..."}, {"role": "assistant", "content": text}]
+    return rollout.Trajectory(persona=persona, group=group, ids=[], agent_mask=[], turn_ids=[], logprobs=[],
+                              note_slots=[], messages=messages, states=states, decision=decision)
+
+
+@pytest.fixture
+def trajs():
+    p = persona_with(["commission_fees", "contract_lockin"], willingness=1.0)
+    h, r, s = "hidden", "revealed", "resolved"
+    win = make_traj(p, ["How much commission could you afford?",
+                        "It is 15% for six months. Any worry about a contract?",
+                        "No lock-in at all. Shall I sign you up?"],
+                    [state({"commission_fees": r, "contract_lockin": h}, 1.5, 0.5, probed=["commission_fees"]),
+                     state({"commission_fees": s, "contract_lockin": r}, 3.0, 1.5, probed=["contract_lockin"]),
+                     state({"commission_fees": s, "contract_lockin": s}, 4.0, 1.0, "accept")], "accept")
+    leak = make_traj(p, ["I know your commission would eat the little margin you have left.", "Nice weather."],
+                     [state({"commission_fees": h, "contract_lockin": h}, 0.75, -0.25),
+                      state({"commission_fees": h, "contract_lockin": h}, 0.5, -0.25, "hangup")], "hangup")
+    return [win, leak]
+
+
+def test_metrics_on_hand_built_trajectories(trajs):
+    m = E.aggregate(trajs)
+    assert m["dialogues"] == 2 and m["personas"] == 1
+    assert m["success_rate"] == 0.5 and m["hangup_rate"] == 0.5 and m["reject_rate"] == 0.0
+    assert m["pass_at_k"] == {1: 0.5, 2: 1.0}
+    assert m["turns_to_success"] == 3
+    assert m["reveal_rate"] == 0.5 and m["resolve_rate"] == 0.5          # 2 of 4 concerns
+    assert m["first_probe_turn"] == 1.5                                  # turns 1 and 2
+    assert m["willingness_gain_per_turn"] == pytest.approx((0.5 + 1.5 + 1.0 - 0.25 - 0.25) / 5)
+    assert m["leak_rate"] == pytest.approx(1 / 5)                        # one of five agent turns
+    assert E.willingness_by_turn(trajs) == [1.0, 1.125, 1.75, 4.0]
+    b = E.breakdown(trajs)
+    assert b["domain"]["merchant_recruitment"]["dialogues"] == 2 and "test" in b["stratum"]
+
+
+def test_leak_detector_fires_on_naming_not_on_probing():
+    p = persona_with(["commission_fees"])
+    hidden = {"commission_fees": "hidden"}
+    assert E.leaked_concerns("I know your commission would eat the little margin you have left.", p, hidden)
+    assert E.leaked_concerns("I understand you're worried about the commission, right?", p, hidden)
+    assert not E.leaked_concerns("Are you worried about our commission fees?", p, hidden)
+    assert not E.leaked_concerns("How much commission could you afford?", p, hidden)
+    # once the user has said it, repeating it back is fine
+    assert not E.leaked_concerns("I know your commission would eat the little margin you have left.", p,
+                                 {"commission_fees": "revealed"})
+
+
+def test_report_and_plots_are_written(trajs, tmp_path):
+    results = {name: {**E.breakdown(trajs), "simulator_health": {"turns": 5}, "willingness_by_turn":
+                      E.willingness_by_turn(trajs)} for name in ("base", "savpo:run")}
+    report = E.write_report(results, str(tmp_path), "test")
+    text = open(report).read()
+    assert "| base | 2 | 0.5 |" in text and "| savpo:run |" in text and "k=2" in text
+    for png in ("success.png", "pass_at_k.png", "strata.png", "willingness.png"):
+        assert os.path.getsize(tmp_path / png) > 1000
+    assert json.load(open(tmp_path / "metrics.json"))["base"]["overall"]["success_rate"] == 0.5
+
+
+def test_evaluation_refuses_personas_the_adapter_was_trained_on(tmp_path):
+    cfg = config.load()
+    # a fake run whose *training* seed is our evaluation seed: its personas are our held-out ones
+    run = tmp_path / "run"
+    trained = config.load(None, [f"personas.train_seed={cfg['personas']['eval_seed']}", "train.steps=20"])
+    config.save(trained, str(run))
+    adapter = run / "checkpoints" / "step_000001" / "adapter"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text("{}")
+    with pytest.raises(SystemExit, match="also appear in training"):
+        E.main(["--adapter", str(adapter), "--out", str(tmp_path / "out")])
+    # and the default held-out set is disjoint from the default training set
+    P.check_disjoint(E.train_personas(cfg), E.eval_personas(cfg))
