@@ -300,16 +300,14 @@ class Trainer:
         return stpr_advantages(rewards, dws, groups, st["mode"], st["beta"])
 
     def update(self, trajs, per_turn_adv, step):
-        """A few epochs of micro-batched clipped-PG + AOPSD updates over this step's rollouts."""
-        cfg, t = self.cfg, self.cfg["train"]
-        a, st = cfg["aopsd"], cfg["stpr"]
-        temperature = cfg["rollout"]["temperature"] if cfg["rollout"]["temperature"] > 0 else 1.0
-        use_pg, use_kl, use_ref = st["coef"] > 0, a["coef"] > 0, st["ref_kl"] > 0
-        pad = self.tokenizer.pad_token_id
+        """`train.epochs` passes of micro-batched updates over this step's rollouts. Each micro-batch's
+        loss is scaled by its share of the step's agent tokens (PG) or agent turns (AOPSD), so the
+        accumulated gradient is that of the token-mean / turn-mean over the whole step."""
+        t = self.cfg["train"]
         trainable = [i for i, tr in enumerate(trajs) if sum(tr.agent_mask) > 0]
-        total_tokens = sum(sum(trajs[i].agent_mask) for i in trainable)
-        total_turns = sum(trajs[i].n_turns for i in trainable)
-        order_rng = random.Random(f"{cfg['seed']}:{step}")
+        totals = {"tokens": sum(sum(trajs[i].agent_mask) for i in trainable),
+                  "turns": sum(trajs[i].n_turns for i in trainable)}
+        order_rng = random.Random(f"{self.cfg['seed']}:{step}")
         stats = {"loss": 0.0, "pg_loss": 0.0, "aopsd_kl": 0.0, "clip_frac": 0.0, "ref_kl": 0.0,
                  "grad_norm": 0.0, "nonfinite": 0}
         for epoch in range(t["epochs"]):
@@ -317,58 +315,11 @@ class Trainer:
             order_rng.shuffle(order)
             self.optimizer.zero_grad(set_to_none=True)
             finite = True
+            self.model.train()
             for start in range(0, len(order), t["micro_batch"]):
-                batch = [trajs[i] for i in order[start:start + t["micro_batch"]]]
-                advs = [per_turn_adv[i] for i in order[start:start + t["micro_batch"]]]
-                targets = [agent_targets(tr) for tr in batch]
-                rows = torch.tensor([b for b, tg in enumerate(targets) for _ in tg[0]])
-                cols = torch.tensor([j for tg in targets for j in tg[0]])
-                target_ids = torch.tensor([x for tg in targets for x in tg[1]])
-                old_logp = torch.tensor([x for tg in targets for x in tg[2]])
-                turns = [x for tg in targets for x in tg[3]]
-                adv = torch.tensor([float(ad[k]) for ad, tg in zip(advs, targets) for k in tg[3]])
-                n_tok = len(turns)
-                n_turn = sum(tr.n_turns for tr in batch)
-                self.model.train()
-                hidden = _hidden(self.model, [tr.ids for tr in batch], pad)
-                logits = _logits_at(self.model, hidden, (rows, cols))                        # (N, V)
-                device = logits.device
-                target_ids, old_logp, adv = target_ids.to(device), old_logp.to(device), adv.to(device)
-                logp = torch.log_softmax(logits.float() / temperature, -1).gather(-1, target_ids[:, None])[:, 0]
-                ones = torch.ones(1, n_tok, device=device)
-                loss = logits.new_zeros((), dtype=torch.float32)
-                if use_pg:
-                    pg, clip_frac = clipped_pg_loss(logp[None], old_logp[None], adv[None], ones,
-                                                    st["eps_low"], st["eps_high"])
-                    loss = loss + st["coef"] * pg * (n_tok / total_tokens)
-                    stats["pg_loss"] += float(pg) * n_tok / total_tokens
-                    stats["clip_frac"] += float(clip_frac) * n_tok / total_tokens
-                if use_kl:
-                    teacher_logits = self._teacher_logits(batch, targets)                       # (N, V)
-                    seg = torch.tensor([b * 10_000 + k for b, tg in enumerate(targets) for k in tg[3]],
-                                       device=device)
-                    seg = torch.unique(seg, return_inverse=True)[1]
-                    weights = None
-                    if a["turn_weighting"] == "willingness":
-                        w = {}
-                        for b, tr in enumerate(batch):
-                            for k, s in enumerate(tr.states):
-                                w[b * 10_000 + k] = abs(s["delta_willingness"])
-                        keys = sorted({b * 10_000 + k for b, tg in enumerate(targets) for k in tg[3]})
-                        weights = torch.tensor([[w.get(key, 0.0) for key in keys]], device=device)
-                    kl_loss, kl_mean = aopsd_loss(logits[None], teacher_logits[None], ones, seg[None], weights,
-                                                  a["vocab"], a["topk"], a["chunk"], a["clip"])
-                    loss = loss + a["coef"] * kl_loss * (n_turn / total_turns)
-                    stats["aopsd_kl"] += float(kl_mean) * n_tok / total_tokens
-                if use_ref:
-                    with torch.no_grad(), lm.adapter_off(self.model):
-                        ref_h = _hidden(self.model, [tr.ids for tr in batch], pad)
-                        ref_logits = _logits_at(self.model, ref_h, (rows, cols))
-                    ref_logp = torch.log_softmax(ref_logits.float() / temperature, -1).gather(
-                        -1, target_ids[:, None])[:, 0]
-                    kl_ref = ref_kl(logp[None], ref_logp[None], ones)
-                    loss = loss + st["ref_kl"] * kl_ref * (n_tok / total_tokens)
-                    stats["ref_kl"] += float(kl_ref) * n_tok / total_tokens
+                chunk = order[start:start + t["micro_batch"]]
+                loss = self._micro_batch_loss([trajs[i] for i in chunk], [per_turn_adv[i] for i in chunk],
+                                              totals, stats)
                 if not torch.isfinite(loss):
                     finite = False
                     break
@@ -383,10 +334,56 @@ class Trainer:
                 continue
             stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.params, t["grad_clip"]))
             self.optimizer.step()
-            if a["teacher"] == "ema":
-                self._copy_adapter("default", "ema", decay=a["ema_decay"])
+            if self.cfg["aopsd"]["teacher"] == "ema":
+                self._copy_adapter("default", "ema", decay=self.cfg["aopsd"]["ema_decay"])
         self.scheduler.step()
         return stats
+
+    def _micro_batch_loss(self, batch, advs, totals, stats):
+        """The SAVPO loss of a few trajectories, on their agent tokens only (flattened to N)."""
+        a, st = self.cfg["aopsd"], self.cfg["stpr"]
+        temperature = self.cfg["rollout"]["temperature"] or 1.0   # greedy rollouts were scored at T = 1
+        targets = [agent_targets(tr) for tr in batch]
+        rows = torch.tensor([b for b, tg in enumerate(targets) for _ in tg[0]])
+        cols = torch.tensor([j for tg in targets for j in tg[0]])
+        # each (trajectory, turn) pair is one AOPSD segment
+        pairs = [(b, k) for b, tg in enumerate(targets) for k in tg[3]]
+        keys = sorted(set(pairs))
+        hidden = _hidden(self.model, [tr.ids for tr in batch], self.tokenizer.pad_token_id)
+        logits = _logits_at(self.model, hidden, (rows, cols))                                   # (N, V)
+        device = logits.device
+        target_ids = torch.tensor([x for tg in targets for x in tg[1]], device=device)         # (N,)
+        old_logp = torch.tensor([x for tg in targets for x in tg[2]], device=device)           # (N,)
+        adv = torch.tensor([float(advs[b][k]) for b, k in pairs], device=device)               # (N,)
+        logp = torch.log_softmax(logits.float() / temperature, -1).gather(-1, target_ids[:, None])[:, 0]
+        ones = torch.ones(1, len(pairs), device=device)
+        token_share = len(pairs) / totals["tokens"]
+        loss = logits.new_zeros((), dtype=torch.float32)
+        if st["coef"] > 0:
+            pg, clip_frac = clipped_pg_loss(logp[None], old_logp[None], adv[None], ones, st["eps_low"], st["eps_high"])
+            loss = loss + st["coef"] * pg * token_share
+            stats["pg_loss"] += float(pg) * token_share
+            stats["clip_frac"] += float(clip_frac) * token_share
+        if a["coef"] > 0:
+            teacher_logits = self._teacher_logits(batch, targets)                               # (N, V)
+            segment = torch.tensor([keys.index(p) for p in pairs], device=device)
+            weights = None
+            if a["turn_weighting"] == "willingness":
+                weights = torch.tensor([[abs(batch[b].states[k]["delta_willingness"]) for b, k in keys]],
+                                       device=device)
+            kl_loss, kl_mean = aopsd_loss(logits[None], teacher_logits[None], ones, segment[None], weights,
+                                          a["vocab"], a["topk"], a["chunk"], a["clip"])
+            loss = loss + a["coef"] * kl_loss * (sum(tr.n_turns for tr in batch) / totals["turns"])
+            stats["aopsd_kl"] += float(kl_mean) * token_share
+        if st["ref_kl"] > 0:
+            with torch.no_grad(), lm.adapter_off(self.model):
+                ref_hidden = _hidden(self.model, [tr.ids for tr in batch], self.tokenizer.pad_token_id)
+                ref_logits = _logits_at(self.model, ref_hidden, (rows, cols))
+            ref_logp = torch.log_softmax(ref_logits.float() / temperature, -1).gather(-1, target_ids[:, None])[:, 0]
+            kl_ref = ref_kl(logp[None], ref_logp[None], ones)
+            loss = loss + st["ref_kl"] * kl_ref * token_share
+            stats["ref_kl"] += float(kl_ref) * token_share
+        return loss
 
     @torch.no_grad()
     def _teacher_logits(self, batch, targets):
