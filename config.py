@@ -33,6 +33,11 @@ CHOICES = {
     "aopsd.vocab": ["full", "topk"],
     "aopsd.turn_weighting": ["uniform", "willingness"],
     "stpr.mode": ["direction", "additive", "outcome"],
+    "learn_to_ask.on_bad_line": ["skip", "refuse"],
+    "learn_to_ask.extractor": ["labels", "llm"],
+    "learn_to_ask.reward": ["default", "sum", "Ra", "Rs"],
+    "learn_to_ask.grader": ["proxy", "llm"],
+    "learn_to_ask.grader_prompt": ["best", "rubric", "rubric+cal", "fewshot", "fewshot+cal", "short", "short+cal"],
 }
 
 # Presets applied by `algo` before user overrides (a user override always wins).

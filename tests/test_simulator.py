@@ -1,7 +1,6 @@
 import copy
 
 import pytest
-import torch
 
 import personas as P
 import simulator as S
