@@ -39,7 +39,6 @@ import json
 import os
 import random
 import re
-import shutil
 import time
 
 import torch
@@ -294,28 +293,13 @@ def grader_prompt(variant, item, aspect):
     return head + shots + body(ref, item.get("context", "") or "-", item["question"])
 
 
-@torch.no_grad()
 def choice_logprobs(model, tokenizer, prompts, batch_size=8):
     """log P(A), log P(B), log P(C) of the next token (with and without a leading space pooled),
     renormalised over the three, adapter disabled. (N, 3)."""
     letters = [[lm.encode(tokenizer, " " + x)[0], lm.encode(tokenizer, x)[0]] for x in "ABC"]
-    device = next(model.parameters()).device
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        rows = [lm.encode(tokenizer, p) for p in prompts[i:i + batch_size]]
-        width = max(map(len, rows))
-        ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for r, row in enumerate(rows):                      # left padding: the last token is at -1
-            ids[r, width - len(row):] = torch.tensor(row)
-            mask[r, width - len(row):] = 1
-        with lm.adapter_off(model):
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                           position_ids=(mask.cumsum(1) - 1).clamp(min=0).to(device)).logits[:, -1].float()
-        logp = torch.log_softmax(logits, -1)
-        pooled = torch.stack([torch.logsumexp(logp[:, t], -1) for t in letters], -1)      # (B, 3)
-        out.append(torch.log_softmax(pooled, -1).cpu())
-    return torch.cat(out)
+    logp = lm.next_token_logprobs(model, tokenizer, prompts, batch_size)                     # (N, V)
+    pooled = torch.stack([torch.logsumexp(logp[:, t], -1) for t in letters], -1)          # (N, 3)
+    return torch.log_softmax(pooled, -1)
 
 
 def llm_scores(model, tokenizer, items, variant):
@@ -646,22 +630,10 @@ def grpo_update(model, optimizer, prompts, completions, advantages, lt, pad_id, 
 
 
 def save_checkpoint(model, optimizer, step, root):
-    """step_N/ written completely, then `latest` renamed atomically onto it (as savpo.Trainer)."""
-    name = f"step_{step:06d}"
-    tmp, final = os.path.join(root, name + ".tmp"), os.path.join(root, name)
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    model.save_pretrained(os.path.join(tmp, "adapter"))
-    torch.save({"optimizer": optimizer.state_dict(), "step": step,
-                "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}}, os.path.join(tmp, "trainer.pt"))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    with open(os.path.join(root, "latest.tmp"), "w") as f:
-        f.write(name)
-    os.replace(os.path.join(root, "latest.tmp"), os.path.join(root, "latest"))
-    for old in sorted(d for d in os.listdir(root) if d.startswith("step_") and d != name)[:-1]:
-        shutil.rmtree(os.path.join(root, old), ignore_errors=True)
-    return final
+    """The savpo.py checkpoint layout and atomic `latest` pointer."""
+    return savpo.write_checkpoint(root, step, model, {"optimizer": optimizer.state_dict(), "step": step,
+                                                      "rng": {"torch": torch.get_rng_state(),
+                                                              "python": random.getstate()}})
 
 
 def train(cfg, resume=False):

@@ -231,6 +231,29 @@ def end_of_turn_ids(tokenizer):
     return ids[0], ids[1:]
 
 
+@torch.no_grad()
+def next_token_logprobs(model, tokenizer, prompts, batch_size=16):
+    """log-softmax of the next-token logits after each text prompt, with the adapter disabled (the
+    judge roles: simulator appraiser, grader). Prompts are left-padded so each one's last token sits
+    at -1, with explicit positions. Returns (N, V) float32 on the CPU."""
+    device = next(model.parameters()).device
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        rows = [encode(tokenizer, p) for p in prompts[i:i + batch_size]]
+        width = max(map(len, rows))
+        ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, row in enumerate(rows):
+            ids[r, width - len(row):] = torch.tensor(row)
+            mask[r, width - len(row):] = 1
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        with adapter_off(model):
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                           position_ids=positions.to(device), logits_to_keep=1).logits[:, -1].float()
+        out.append(torch.log_softmax(logits, -1).cpu())
+    return torch.cat(out)
+
+
 def token_logprobs(logits, targets, temperature=1.0):
     """log p(target) under softmax(logits / T). logits (B, T, V), targets (B, T) -> (B, T).
     Computed row by row of the batch so the (B, T, V) log-softmax is never materialised."""

@@ -415,27 +415,10 @@ class Trainer:
         return os.path.join(self.out, "checkpoints")
 
     def save_checkpoint(self):
-        """Write step_N/ completely, then point `latest` at it with an atomic rename: a kill at any
-        moment leaves the previous checkpoint usable."""
-        root = self.checkpoint_dir()
-        name = f"step_{self.step:06d}"
-        tmp = os.path.join(root, name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        self.model.save_pretrained(os.path.join(tmp, "adapter"))
-        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                    "step": self.step, "skipped_steps": self.skipped_steps,
-                    "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}},
-                   os.path.join(tmp, "trainer.pt"))
-        final = os.path.join(root, name)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        with open(os.path.join(root, "latest.tmp"), "w") as f:
-            f.write(name)
-        os.replace(os.path.join(root, "latest.tmp"), os.path.join(root, "latest"))
-        for old in sorted(d for d in os.listdir(root) if d.startswith("step_") and d != name)[:-1]:
-            shutil.rmtree(os.path.join(root, old), ignore_errors=True)  # keep the last two
-        return final
+        return write_checkpoint(self.checkpoint_dir(), self.step, self.model, {
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "step": self.step, "skipped_steps": self.skipped_steps,
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}})
 
     def _load_checkpoint(self):
         from peft import set_peft_model_state_dict
@@ -509,6 +492,25 @@ class Trainer:
         import eval as evaluation
         evaluation.plot_curves(self.out)
         return self.evaluate()
+
+
+def write_checkpoint(root, step, model, trainer_state):
+    """Write root/step_N/{adapter/, trainer.pt} completely, then point root/latest at it with an atomic
+    rename: a kill at any moment leaves the previous checkpoint usable. Keeps the last two."""
+    name = f"step_{step:06d}"
+    tmp, final = os.path.join(root, name + ".tmp"), os.path.join(root, name)
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    model.save_pretrained(os.path.join(tmp, "adapter"))
+    torch.save(trainer_state, os.path.join(tmp, "trainer.pt"))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    with open(os.path.join(root, "latest.tmp"), "w") as f:
+        f.write(name)
+    os.replace(os.path.join(root, "latest.tmp"), os.path.join(root, "latest"))
+    for old in sorted(d for d in os.listdir(root) if d.startswith("step_") and d != name)[:-1]:
+        shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+    return final
 
 
 class _ActiveAdapter:

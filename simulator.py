@@ -166,29 +166,13 @@ def yes_no_prompt(agent_text, question):
     return shots + f'Salesperson: "{agent_text}"\nQuestion: Does the salesperson {question}?\nAnswer:'
 
 
-@torch.no_grad()
 def yes_no_logodds(model, tokenizer, prompts, batch_size=16):
     """log P(Yes) - log P(No) for the next token of each prompt, with the adapter disabled (the
     simulator role). ' Yes' and 'Yes' (with and without a space) are pooled, likewise No."""
     yes = [lm.encode(tokenizer, " Yes")[0], lm.encode(tokenizer, "Yes")[0]]
     no = [lm.encode(tokenizer, " No")[0], lm.encode(tokenizer, "No")[0]]
-    device = next(model.parameters()).device
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        rows = [lm.encode(tokenizer, p) for p in prompts[i:i + batch_size]]
-        width = max(map(len, rows))
-        ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for r, row in enumerate(rows):  # left padding: every prompt's last token is at -1
-            ids[r, width - len(row):] = torch.tensor(row)
-            mask[r, width - len(row):] = 1
-        positions = (mask.cumsum(1) - 1).clamp(min=0)
-        with lm.adapter_off(model):
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                           position_ids=positions.to(device)).logits[:, -1].float()
-        logp = torch.log_softmax(logits, -1)
-        out.extend((torch.logsumexp(logp[:, yes], -1) - torch.logsumexp(logp[:, no], -1)).tolist())
-    return out
+    logp = lm.next_token_logprobs(model, tokenizer, prompts, batch_size)                     # (N, V)
+    return (torch.logsumexp(logp[:, yes], -1) - torch.logsumexp(logp[:, no], -1)).tolist()
 
 
 def llm_questions(persona):
