@@ -325,7 +325,7 @@ class Trainer:
                     break
                 if loss.requires_grad:
                     loss.backward()
-                stats["loss"] += float(loss)
+                stats["loss"] += float(loss.detach())
             self.model.eval()
             if not finite:
                 self.optimizer.zero_grad(set_to_none=True)
@@ -362,7 +362,7 @@ class Trainer:
         if st["coef"] > 0:
             pg, clip_frac = clipped_pg_loss(logp[None], old_logp[None], adv[None], ones, st["eps_low"], st["eps_high"])
             loss = loss + st["coef"] * pg * token_share
-            stats["pg_loss"] += float(pg) * token_share
+            stats["pg_loss"] += float(pg.detach()) * token_share
             stats["clip_frac"] += float(clip_frac) * token_share
         if a["coef"] > 0:
             teacher_logits = self._teacher_logits(batch, targets)                               # (N, V)
@@ -382,7 +382,7 @@ class Trainer:
             ref_logp = torch.log_softmax(ref_logits.float() / temperature, -1).gather(-1, target_ids[:, None])[:, 0]
             kl_ref = ref_kl(logp[None], ref_logp[None], ones)
             loss = loss + st["ref_kl"] * kl_ref * token_share
-            stats["ref_kl"] += float(kl_ref) * token_share
+            stats["ref_kl"] += float(kl_ref.detach()) * token_share
         return loss
 
     @torch.no_grad()
