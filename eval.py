@@ -333,8 +333,9 @@ def main(argv=None):
                 P.check_disjoint(train_personas(run_cfg), personas)
         tokenizer, model = lm.load_model(cfg["model"])
         sim_model = sim_tok = None
-        if args.simulator_model:
-            sim_tok, sim_model = lm.load_model({**cfg["model"], "name_or_path": args.simulator_model})
+        sim_name = args.simulator_model or cfg["simulator"]["model"]
+        if sim_name:
+            sim_tok, sim_model = lm.load_model({**cfg["model"], "name_or_path": sim_name})
     except (config.ConfigError, lm.ModelError, P.DomainError, ValueError) as e:
         raise SystemExit(f"eval: {e}")
     seed = cfg["seed"]
@@ -370,7 +371,7 @@ def main(argv=None):
             run_name = os.path.basename(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(path)))))
             record(f"{run_cfg['algo']}:{run_name}" if run_cfg else f"adapter{i}")
     title = f"Evaluation: {len(personas)} held-out personas x {args.n} samples, appraiser " \
-            f"{cfg['simulator']['appraiser']}, simulator model {args.simulator_model or cfg['model']['name_or_path']}"
+            f"{cfg['simulator']['appraiser']}, simulator model {sim_name or cfg['model']['name_or_path']}"
     report = write_report(results, args.out, title)
     if args.pilot and not args.no_base:
         base, priv = list(results.values())[:2]

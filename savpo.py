@@ -244,7 +244,10 @@ class Trainer:
             self.model.add_adapter("ema", self.model.peft_config["default"])
             self._copy_adapter("default", "ema", decay=0.0)
             self.model.set_adapter("default")
-        self.simulator = S.CognitiveUserSimulator(cfg["simulator"], self.model, self.tokenizer, seed=cfg["seed"])
+        sim_tokenizer, sim_model = self.tokenizer, self.model   # same base, adapter disabled
+        if cfg["simulator"]["model"]:
+            sim_tokenizer, sim_model = lm.load_model({**cfg["model"], "name_or_path": cfg["simulator"]["model"]})
+        self.simulator = S.CognitiveUserSimulator(cfg["simulator"], sim_model, sim_tokenizer, seed=cfg["seed"])
         pc = cfg["personas"]
         n_train = t["steps"] * t["personas_per_step"]
         self.train_personas = P.sample_many(pc["domains"], n_train, pc["train_seed"])

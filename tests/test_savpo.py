@@ -241,3 +241,14 @@ def test_every_option_runs_and_the_ema_teacher_trails_the_student(tiny_dir, tmp_
     # EMA with decay 0.5 over 4 optimizer steps: non-zero, but not equal to the student
     assert any(e.abs().sum() > 0 for e in ema.values())
     assert any(not torch.allclose(student[n], ema[n]) for n in student)
+
+
+def test_a_separately_named_simulator_model(tiny_dir, tmp_path, tokenizer):
+    other = tmp_path / "other"
+    make_tiny_model(tokenizer, seed=7).save_pretrained(other)
+    tokenizer.save_pretrained(other)
+    trainer = savpo.Trainer(tiny_cfg(tiny_dir, tmp_path / "sep", f"simulator.model={other}",
+                                     "simulator.utterance=llm", "simulator.max_new_tokens=4"), log=lambda *a: None)
+    assert trainer.simulator.model is not trainer.model
+    trajs, _, _ = trainer.collect(0)
+    assert all(t.states for t in trajs)
