@@ -10,6 +10,16 @@ import simulator as S
 from conftest import make_tiny_model
 
 
+def input_ids_of_logits(args, kwargs):
+    """The input token at each position whose logits a forward returned (all, the last k, or the
+    positions of a `logits_to_keep` tensor, as KVBatch's prefill asks)."""
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    keep = kwargs.get("logits_to_keep", 0)
+    if isinstance(keep, torch.Tensor):
+        return ids[:, keep]
+    return ids[:, -keep:] if keep else ids
+
+
 @pytest.fixture
 def stopping_model(tokenizer):
     return make_stopping_model(tokenizer)
@@ -23,8 +33,7 @@ def make_stopping_model(tokenizer):
     eos = tokenizer.eos_token_id
 
     def favour_eos(module, args, kwargs, output):
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        ids = ids[:, ids.shape[1] - output.logits.shape[1]:]  # generate keeps only the last logits
+        ids = input_ids_of_logits(args, kwargs)
         output.logits[..., eos] += 10.0 * (ids % 5 == 0).to(output.logits.dtype)
         return output
 
@@ -176,3 +185,24 @@ def test_bench_baselines_play_the_same_dialogues(cfg, tokenizer, stopping_model,
     base = rollout.run(stopping_model, tokenizer, sim2, people, roll_cfg, decoder=decoder)
     assert [t.ids for t in base] == [t.ids for t in kv]
     assert sum(d.prefill_tokens for d in made) > 0 and sum(d.generated_tokens for d in made) > 0
+
+
+def test_empty_agent_turns_are_recorded_not_fatal(cfg, tokenizer):
+    """A policy that ends every turn at once: each turn is recorded as empty, the simulator appraises
+    the silence (off-topic, patience lost) and the call ends by the rule, not by a crash."""
+    model = make_tiny_model(tokenizer, seed=2)
+    eos, newline = tokenizer.eos_token_id, lm.encode(tokenizer, "\n")[0]
+
+    def silent(module, args, kwargs, output):
+        ids = input_ids_of_logits(args, kwargs)
+        output.logits[..., eos] += 100.0 * (ids == newline).to(output.logits.dtype)
+        return output
+
+    model.register_forward_hook(silent, with_kwargs=True)
+    sim, roll_cfg, people = setup(cfg, tokenizer, model, utterance="template")
+    trajs = rollout.run(model, tokenizer, sim, people, roll_cfg)
+    for t in trajs:
+        assert t.n_turns >= 1 and t.empty_agent_turns == t.n_turns
+        assert all(m["content"] == "" for m in t.messages if m["role"] == "assistant")
+        assert all(s["events"]["off_topic"] for s in t.states)
+        assert t.decision in ("hangup", "reject", "timeout")
