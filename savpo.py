@@ -44,6 +44,7 @@ import warnings
 import torch
 
 import config
+import eval as evaluation  # eval.py; the module name is the design's, the alias avoids the builtin
 import lm
 import personas as P
 import rollout
@@ -411,7 +412,6 @@ class Trainer:
 
     # -- evaluation, logging, checkpoints ------------------------------------------------------
     def evaluate(self):
-        import eval as evaluation
         return evaluation.quick(self.model, self.tokenizer, self.cfg, self.eval_personas, seed=self.cfg["seed"])
 
     def checkpoint_dir(self):
@@ -492,7 +492,6 @@ class Trainer:
         bar.close()
         if not t["save_every"] or self.step % t["save_every"]:
             self.save_checkpoint()
-        import eval as evaluation
         evaluation.plot_curves(self.out)
         return self.evaluate()
 
@@ -559,6 +558,9 @@ def main(argv=None):
         cfg, flags = config.from_argv(argv)
     except config.ConfigError as e:
         raise SystemExit(f"config error: {e}")
+    if "help" in flags or "h" in flags:
+        print(__doc__)
+        return
     unknown = set(flags) - {"resume"}
     if unknown:
         raise SystemExit(f"unknown flag --{sorted(unknown)[0]}; savpo.py takes --config PATH, --resume and "
