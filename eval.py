@@ -152,17 +152,20 @@ def play(model, tokenizer, cfg, persona_list, n, seed, privileged=None, sim_mode
     return trajs, dict(sim.stats)
 
 
-def quick(model, tokenizer, cfg, persona_list, seed=0, group_size=1):
-    """savpo.py's periodic evaluation: the overall metrics of the current policy."""
-    trajs, health = play(model, tokenizer, cfg, persona_list, group_size, seed)
+def quick(model, tokenizer, cfg, persona_list, seed=0, group_size=1, sim_model=None, sim_tokenizer=None):
+    """savpo.py's periodic evaluation: the overall metrics of the current policy, against the same
+    simulator model as training (`simulator.model`)."""
+    trajs, health = play(model, tokenizer, cfg, persona_list, group_size, seed, sim_model=sim_model,
+                         sim_tokenizer=sim_tokenizer)
     overall = aggregate(trajs)
     overall.pop("pass_at_k")
     return {**overall, "simulator_health": health}
 
 
 def train_personas(cfg):
-    t = cfg["train"]
-    return P.sample_many(cfg["personas"]["domains"], t["steps"] * t["personas_per_step"], cfg["personas"]["train_seed"])
+    """Every training persona of a run with config `cfg` (savpo.py's schedule)."""
+    t, pc = cfg["train"], cfg["personas"]
+    return [p for k in range(t["steps"]) for p in P.schedule(pc["domains"], t["personas_per_step"], pc["train_seed"], k)]
 
 
 def eval_personas(cfg, n=None):

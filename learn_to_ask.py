@@ -49,6 +49,7 @@ import lm
 import personas as P
 import savpo
 import simulator as S
+import rollout
 from rollout import KVBatch
 
 POLICY_SYSTEM = (
@@ -217,18 +218,38 @@ def parse_action(text):
     return "question", action, state
 
 
-def reward(decision_truth, kind, format_score=0.0, content_score=0.0, mode="default", beta=2.0):
+STOP_MARKER = re.compile(r"<stop\s*/>")
+
+
+def decide(text, rule="published"):
+    """The decision a reply makes, for the reward -> (kind, question, exact).
+
+    rule 'published' (Trinity-RFT's learn2ask `reward_fn`, the default): a reply holding the stop
+    marker anywhere is a stop -- `exact` only if the whole reply is the well-formed stop -- and any
+    other reply is a "continue" whose question (the <action> text if well formed, else the reply with
+    its tags stripped) goes to the grader, which scores its format.
+    rule 'strict': only a well-formed reply counts (`parse_action`); anything else is 'malformed'."""
+    kind, question, _ = parse_action(text)
+    if rule == "strict" or kind != "malformed":
+        return kind, question, kind != "malformed"
+    if STOP_MARKER.search(text):
+        return "stop", "", False
+    return "question", re.sub(r"<[^>]*>", " ", text).split(STOP_TEXT)[0].strip(), False
+
+
+def reward(decision_truth, kind, format_score=0.0, content_score=0.0, mode="default", beta=2.0, exact=True):
     """-> (R, R_s, R_a, P). R_s = 1 iff the decision is right (a malformed reply has none); a right
-    stop has R_a = P = 1; a right question takes P and R_a from the grader; a wrong decision scores 0.
+    stop has R_a = 1 and P = 1 if it is exactly the well-formed stop, else 0 (`exact`); a right
+    question takes P and R_a from the grader; a wrong decision scores 0.
     Modes: default R_s (1 + beta R_a) + P | sum R_s + R_a + P | Ra beta R_a + P | Rs (1 + beta) R_s + P.
 
     Examples (beta = 2): truth continue, a question with format 1, content 0.5 -> default 1 * (1 + 1)
-    + 1 = 3.0, sum 2.5, Ra 2.0, Rs 4.0. Truth stop, reply stop -> default 4.0, sum 3.0, Ra 3.0, Rs 4.0.
-    Truth stop, reply a question -> 0 in every mode."""
+    + 1 = 3.0, sum 2.5, Ra 2.0, Rs 4.0. Truth stop, reply stop -> default 4.0, sum 3.0, Ra 3.0, Rs 4.0;
+    a stop with extra text -> default 3.0 (P = 0). Truth stop, reply a question -> 0 in every mode."""
     if kind == "malformed" or (kind == "stop") != (decision_truth == "stop"):
         r_s = r_a = p = 0.0
     elif kind == "stop":
-        r_s = r_a = p = 1.0
+        r_s, r_a, p = 1.0, 1.0, float(exact)
     else:
         r_s, r_a, p = 1.0, float(content_score), float(format_score)
     total = {"default": r_s * (1 + beta * r_a) + p, "sum": r_s + r_a + p,
@@ -563,19 +584,21 @@ def sample_completions(model, tokenizer, prompts, n, max_new_tokens, temperature
 
 
 def score(samples, texts, grade, lt):
-    """Reward records for texts[i] answering samples[i]; the grader sees only the pairs where truth
-    and prediction both continue."""
-    parsed = [parse_action(t) for t in texts]
-    ask = [i for i, (s, (kind, _, _)) in enumerate(zip(samples, parsed))
+    """Reward records for texts[i] answering samples[i] (`lt['reward_parse']` rule, see `decide`); the
+    grader sees only the pairs where truth and prediction both continue."""
+    decided = [decide(t, lt["reward_parse"]) for t in texts]
+    ask = [i for i, (s, (kind, _, _)) in enumerate(zip(samples, decided))
            if kind == "question" and s["decision_truth"] == "continue"]
     last_user = lambda s: next((m["content"] for m in reversed(s["context"]) if m["role"] == "user"), "")
-    grades = dict(zip(ask, grade([{"question": parsed[i][1], "reference": samples[i]["info_truth"],
+    grades = dict(zip(ask, grade([{"question": decided[i][1], "reference": samples[i]["info_truth"],
                                    "reference_ids": samples[i]["info_ids"], "domain": samples[i]["domain"],
                                    "context": last_user(samples[i])} for i in ask])))
     records = []
-    for i, (s, (kind, question, _)) in enumerate(zip(samples, parsed)):
-        r, r_s, r_a, p = reward(s["decision_truth"], kind, *grades.get(i, (0.0, 0.0)), lt["reward"], lt["beta"])
-        records.append({"truth": s["decision_truth"], "kind": kind, "R": r, "R_s": r_s, "R_a": r_a, "P": p})
+    for i, (s, (kind, question, exact)) in enumerate(zip(samples, decided)):
+        r, r_s, r_a, p = reward(s["decision_truth"], kind, *grades.get(i, (0.0, 0.0)), lt["reward"], lt["beta"],
+                                exact)
+        records.append({"truth": s["decision_truth"], "kind": kind, "well_formed": exact, "R": r, "R_s": r_s,
+                        "R_a": r_a, "P": p})
     return records
 
 
@@ -589,21 +612,24 @@ def summarize(records):
             "decision_acc": mean([r["R_s"] for r in records]),
             "content_mean": mean([r["R_a"] for r in cont]), "win_rate": mean([r["R_a"] == 1.0 for r in cont]),
             "format_mean": mean([r["P"] for r in records]), "reward": mean([r["R"] for r in records]),
-            "malformed": mean([r["kind"] == "malformed" for r in records]), "n": len(records)}
+            "malformed": mean([not r["well_formed"] for r in records]), "n": len(records)}
 
 
 # =============================================================================================
 # 7. GRPO training
 # =============================================================================================
 
-def grpo_update(model, optimizer, prompts, completions, advantages, lt, pad_id, temperature):
-    """One epoch of clipped policy-gradient updates over completion tokens (token mean over the
+def grpo_update(model, optimizer, prompts, completions, advantages, lt, temperature):
+    """`epochs` passes of clipped policy-gradient updates over completion tokens (token mean over the
     step; completions with zero advantage carry no gradient and are skipped). The log-probs are
-    recomputed on prompt + completion ids exactly as sampled. Returns stats."""
+    recomputed on prompt + completion ids exactly as sampled, through the model's own head; the "old"
+    log-probs of the ratio are the first pass's own, detached (savpo.Trainer.update's convention), so
+    the first ratio is exactly 1. Returns stats, averaged over the passes."""
     total = sum(len(c[0]) for c in completions) or 1
     active = [i for i, c in enumerate(completions) if advantages[i] != 0 and c[0]]
     params = [p for p in model.parameters() if p.requires_grad]
-    stats = {"pg_loss": 0.0, "clip_frac": 0.0, "grad_norm": 0.0}
+    keys = ("pg_loss", "clip_frac", "grad_norm")
+    stats, old = {k: 0.0 for k in keys}, {}
     for _ in range(lt["epochs"]):
         optimizer.zero_grad(set_to_none=True)
         model.train()
@@ -612,19 +638,21 @@ def grpo_update(model, optimizer, prompts, completions, advantages, lt, pad_id, 
             rows = [prompts[i] + completions[i][0] for i in idx]
             b = torch.tensor([r for r, i in enumerate(idx) for _ in completions[i][0]])
             c = torch.tensor([len(prompts[i]) - 1 + t for i in idx for t in range(len(completions[i][0]))])
-            logits = savpo._logits_at(model, savpo._hidden(model, rows, pad_id), (b, c))          # (N, V)
+            logits = lm.selected_logits(model, rows, (b, c))                                     # (N, V)
             target = torch.tensor([t for i in idx for t in completions[i][0]], device=logits.device)
-            logp = torch.log_softmax(logits.float() / temperature, -1).gather(-1, target[:, None])[:, 0]
-            old = torch.tensor([x for i in idx for x in completions[i][1]], device=logits.device)
+            logp = lm.token_logprobs(logits, target, temperature)
+            if idx[0] not in old:
+                old.update(zip(idx, logp.detach().split([len(completions[i][0]) for i in idx])))
+            old_logp = torch.cat([old[i] for i in idx])
             adv = torch.tensor([float(advantages[i]) for i in idx for _ in completions[i][0]], device=logits.device)
-            pg, clip = savpo.clipped_pg_loss(logp[None], old[None], adv[None], torch.ones_like(adv)[None],
-                                             lt["eps_low"], lt["eps_high"])
+            pg, clip, _ = savpo.clipped_pg_loss(logp[None], old_logp[None], adv[None], torch.ones_like(adv)[None],
+                                                lt["eps_low"], lt["eps_high"])
             (pg * len(target) / total).backward()
-            stats["pg_loss"] += pg.item() * len(target) / total
-            stats["clip_frac"] += clip.item() * len(target) / total
+            stats["pg_loss"] += pg.item() * len(target) / total / lt["epochs"]
+            stats["clip_frac"] += clip.item() * len(target) / total / lt["epochs"]
         model.eval()
         if active:
-            stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, lt["grad_clip"]))
+            stats["grad_norm"] += float(torch.nn.utils.clip_grad_norm_(params, lt["grad_clip"])) / lt["epochs"]
             optimizer.step()
     return stats
 
@@ -675,15 +703,14 @@ def train(cfg, resume=False):
         t0 = time.perf_counter()
         batch = [samples[order[(step * k + i) % len(samples)]] for i in range(k)]
         prompts = [prompt_ids(tokenizer, s["context"], lt["response_prefix"]) for s in batch]
-        generator = torch.Generator().manual_seed(seed * 100_003 + step)
+        generator = rollout.device_generator(seed * 100_003 + step, model)
         groups = sample_completions(model, tokenizer, prompts, G, lt["max_new_tokens"], T, generator, lt["response_prefix"])
         gen_s = time.perf_counter() - t0
         flat = [c for g in groups for c in g]                                    # (k * G) completions
         records = score([s for s in batch for _ in range(G)], [c[2] for c in flat], grade, lt)
         rewards = torch.tensor([r["R"] for r in records])
         adv, _ = savpo.stpr_advantages(rewards, [torch.zeros(1)] * len(flat), torch.arange(k).repeat_interleave(G), "outcome")
-        stats = grpo_update(model, optimizer, [p for p in prompts for _ in range(G)], flat, adv, lt,
-                            tokenizer.pad_token_id, T if T > 0 else 1.0)
+        stats = grpo_update(model, optimizer, [p for p in prompts for _ in range(G)], flat, adv, lt, T)
         n_tok = sum(len(c[0]) for c in flat)
         record = {"step": step + 1, **summarize(records), "reward_std": round(float(rewards.std(unbiased=False)), 4),
                   **{k_: round(v, 5) for k_, v in stats.items()}, "gen_tok_s": round(n_tok / gen_s, 1),
@@ -750,7 +777,7 @@ def evaluate(cfg, adapter=None):
     samples = sorted(samples, key=lambda s: hashlib.sha1(s["sample_id"].encode()).hexdigest())[:lt["n_eval_samples"]]
     tokenizer, model = load_policy(cfg, adapter)
     grade, n = make_grader(cfg, model, tokenizer), lt["eval_rollouts"]
-    generator = torch.Generator().manual_seed(cfg["seed"] + 7)
+    generator = rollout.device_generator(cfg["seed"] + 7, model)
     from tqdm import tqdm
     texts = []
     for start in tqdm(range(0, len(samples), 8), desc="eval", unit="batch"):
@@ -776,12 +803,16 @@ def play(cfg, adapter=None):
     os.makedirs(lt["out_dir"], exist_ok=True)
     tokenizer, model = load_policy(cfg, adapter)
     persona_list = P.sample_many(lt["domains"], lt["play_n"], lt["play_seed"])
-    sim = S.CognitiveUserSimulator({**cfg["simulator"], "max_turns": lt["play_turns"]}, model, tokenizer, seed=cfg["seed"])
+    sim_tokenizer, sim_model = tokenizer, model      # the base with the adapter disabled, or simulator.model
+    if cfg["simulator"]["model"]:
+        sim_tokenizer, sim_model = lm.load_model({**cfg["model"], "name_or_path": cfg["simulator"]["model"]})
+    sim = S.CognitiveUserSimulator({**cfg["simulator"], "max_turns": lt["play_turns"]}, sim_model, sim_tokenizer,
+                                   seed=cfg["seed"])
     dialogues = [[{"role": "system", "content": call_details(p)}, {"role": "user", "content": o}]
                  for p, o in zip(persona_list, sim.reset(persona_list))]
     n = len(persona_list)
     stop_turn, all_revealed, malformed = [None] * n, [None] * n, 0
-    generator = torch.Generator().manual_seed(cfg["seed"] + 11)
+    generator = rollout.device_generator(cfg["seed"] + 11, model)
     for turn in range(1, lt["play_turns"] + 1):
         live = [i for i in range(n) if not sim.done[i]]
         if not live:

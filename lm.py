@@ -231,6 +231,77 @@ def end_of_turn_ids(tokenizer):
     return ids[0], ids[1:]
 
 
+def stop_ids(tokenizer, model=None):
+    """Every token that ends a generated turn: the chat template's end-of-turn token, the tokenizer's
+    eos and every eos of the model's generation config (Qwen2.5 ends with '<|im_end|>' or
+    '<|endoftext|>'). A turn that stops on one that is not the template's own is closed like a
+    truncated turn (the template's closing is appended as context), so the chat stays well formed."""
+    ids = {end_of_turn_ids(tokenizer)[0]}
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    generation = getattr(model, "generation_config", None)
+    extra = getattr(generation, "eos_token_id", None)
+    ids.update(extra if isinstance(extra, (list, tuple)) else [] if extra is None else [extra])
+    return ids
+
+
+def logprob_temperature(temperature):
+    """The one temperature convention of the project: sampling at T > 0 records and trains log-probs of
+    softmax(logits / T); greedy decoding (T = 0) records and trains them at T = 1. Negative values are
+    refused by the config checks."""
+    return temperature if temperature > 0 else 1.0
+
+
+def sliding_window(model_config):
+    """The attention window of a sliding-window model (Mistral-style, Gemma-2/3 local layers), or None.
+    Qwen2 carries a `sliding_window` value that is off unless `use_sliding_window` is set."""
+    window = getattr(model_config, "sliding_window", None)
+    if not window or getattr(model_config, "use_sliding_window", True) is False:
+        return None
+    layer_types = getattr(model_config, "layer_types", None)
+    if layer_types is not None and "sliding_attention" not in layer_types:
+        return None
+    return int(window)
+
+
+def check_context(model_config, max_context, name="the model"):
+    """Refuse a context budget the rollout cache cannot serve: its 2-D mask with padding holes has no
+    notion of a sliding window, so a dialogue may not outgrow the window of a sliding-window model."""
+    window = sliding_window(model_config)
+    if window is not None and max_context > window:
+        raise ModelError(f"{name} uses sliding-window attention (window {window} tokens), which the rollout "
+                         f"KV cache does not support past the window; set rollout.max_context <= {window}.")
+
+
+def selected_logits(model, rows, rows_cols):
+    """Logits of a few (row, position) pairs of right-padded sequences, through the model's *own*
+    forward and output head: (N, V), never (B, T, V).
+
+    rows       list of token-id lists (the sequences, right-padded here)
+    rows_cols  (row index tensor (N,), position tensor (N,)): the positions whose logits are needed
+
+    A forward pre-hook on the output embedding hands it only the selected hidden states, so whatever
+    the model class does after its head -- Granite's logit scaling, Gemma-2's final soft-capping,
+    Cohere's logit scale -- is applied exactly as in `model(...)` (what the rollout decoded with),
+    while memory stays N x V."""
+    device = next(model.parameters()).device
+    width = max(map(len, rows))
+    pad = getattr(model.config, "pad_token_id", None) or 0
+    ids = torch.full((len(rows), width), pad, dtype=torch.long, device=device)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r, device=device)
+        mask[i, :len(r)] = 1
+    b, c = (t.to(device) for t in rows_cols)
+    head = model.get_output_embeddings()
+    handle = head.register_forward_pre_hook(lambda module, args: (args[0][b, c][None],))   # (1, N, H)
+    try:
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=0).logits
+    finally:
+        handle.remove()
+    return logits[0]                                                                         # (N, V)
+
+
 @torch.no_grad()
 def next_token_logprobs(model, tokenizer, prompts, batch_size=16):
     """log-softmax of the next-token logits after each text prompt, with the adapter disabled (the
@@ -255,13 +326,10 @@ def next_token_logprobs(model, tokenizer, prompts, batch_size=16):
 
 
 def token_logprobs(logits, targets, temperature=1.0):
-    """log p(target) under softmax(logits / T). logits (B, T, V), targets (B, T) -> (B, T).
-    Computed row by row of the batch so the (B, T, V) log-softmax is never materialised."""
-    out = torch.empty(targets.shape, dtype=torch.float32, device=logits.device)
-    for b in range(logits.shape[0]):
-        lp = torch.log_softmax(logits[b].float() / temperature, dim=-1)
-        out[b] = lp.gather(-1, targets[b].unsqueeze(-1)).squeeze(-1)
-    return out
+    """log p(target) under softmax(logits / T) with T = `logprob_temperature(temperature)`.
+    logits (..., V), targets (...) -> (...) float32."""
+    t = logprob_temperature(temperature)
+    return torch.log_softmax(logits.float() / t, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
 def _speed(model_name, tokens):

@@ -191,6 +191,22 @@ def sample_many(domains, n, seed, exclude_ids=()):
     return [p for d, k in zip(domains, per) for p in sample(d, k, seed, exclude_ids)]
 
 
+def schedule(domains, per_step, seed, step):
+    """The training personas of optimisation step `step` (0-based). The global slots
+    step * per_step ... (step + 1) * per_step - 1 are dealt round-robin over the domains, and slot j
+    takes persona j // len(domains) of its domain's stratified stream `sample(domain, ., seed)`,
+    whose prefixes are stable. So a step mixes domains (and, within a domain, consecutive personas
+    come from different strata cells), and step k's personas depend only on the seed and k -- not
+    on how many steps the run has, so a resumed or longer run sees the same personas at each step.
+
+    Example, domains [A, B, C], per_step 2: step 0 -> A#0, B#0; step 1 -> C#0, A#1; step 2 -> B#1, C#1."""
+    slots = range(step * per_step, (step + 1) * per_step)
+    n = len(domains)
+    need = {d: (max((j for j in slots if j % n == k), default=-1) // n) + 1 for k, d in enumerate(domains)}
+    streams = {d: sample(d, need[d], seed) if need[d] else [] for d in domains}
+    return [streams[domains[j % n]][j // n] for j in slots]
+
+
 def check_disjoint(train, evaluation):
     """Refuse evaluation personas that also appear in training."""
     overlap = {p.persona_id for p in train} & {p.persona_id for p in evaluation}

@@ -31,22 +31,34 @@ import personas
 
 def sample_next(logits, temperature, top_p, generator):
     """Pick one token per row. logits (B, V) -> (tokens (B,), logprobs (B,)).
-    The recorded log-prob is log softmax(logits / T) of the token (T = 1 when greedy), the
-    quantity the trainer recomputes (`lm.token_logprobs` with the same temperature)."""
+    The recorded log-prob is log softmax(logits / T) of the token with T = `lm.logprob_temperature`
+    (T = 1 when greedy), the quantity the trainer recomputes. `generator` must live on the logits'
+    device (`device_generator`); sampling stays on the device, nothing is synchronised here."""
     logits = logits.float()
     if temperature <= 0:
         tokens = logits.argmax(-1)
         logprobs = torch.log_softmax(logits, -1).gather(-1, tokens[:, None]).squeeze(-1)
         return tokens, logprobs
-    logprobs_all = torch.log_softmax(logits / temperature, -1)                 # (B, V)
+    logprobs_all = torch.log_softmax(logits / lm.logprob_temperature(temperature), -1)   # (B, V)
     probs = logprobs_all.exp()
     if top_p < 1.0:
         sorted_probs, order = probs.sort(-1, descending=True)
         outside = sorted_probs.cumsum(-1) - sorted_probs > top_p                # keep the nucleus
         sorted_probs = sorted_probs.masked_fill(outside, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    if generator is not None and generator.device != probs.device:
+        raise ValueError(f"the sampling generator lives on {generator.device} but the logits on {probs.device}; "
+                         f"create it with rollout.device_generator(seed, device).")
     tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
     return tokens, logprobs_all.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def device_generator(seed, device):
+    """A seeded torch.Generator on `device` (a model, a tensor's device or a name): sampling draws from
+    a generator on the same device as the logits, so one code path serves CPU and CUDA."""
+    if isinstance(device, torch.nn.Module):
+        device = next(device.parameters()).device
+    return torch.Generator(device=torch.device(device)).manual_seed(int(seed))
 
 
 class KVBatch:
@@ -296,35 +308,44 @@ def note_ids(tokenizer, persona):
 
 
 def run(model, tokenizer, simulator, persona_list, rollout_cfg, group_size=1, seed=0, progress=False,
-        decoder=KVBatch, privileged=None):
+        decoder=KVBatch, privileged=None, teacher_placement=None):
     """G = group_size dialogues per persona, all advanced together. Returns [Trajectory], grouped
     by persona (group id = persona index). `decoder` is KVBatch or a drop-in with the same methods
     (bench.py's re-prefilling baselines). `privileged` = 'system' or 'turn' lets the *policy* see
     the hidden concerns (the pilot study's privileged policy); trajectories are then not student
-    views and must not be trained on."""
+    views and must not be trained on. `teacher_placement` ('system' | 'turn'), when the trainer will
+    build the privileged teacher view, makes `rollout.max_context` bound that longer view too."""
     eos, closing = lm.end_of_turn_ids(tokenizer)
+    stops = lm.stop_ids(tokenizer, model)
     header = lm.encode(tokenizer, lm.generation_header(tokenizer))
     dialogues = [(g, p) for g, p in enumerate(persona_list) for _ in range(group_size)]
     openings = simulator.reset([p for _, p in dialogues], seed=seed)
     policy = decoder(model, tokenizer.pad_token_id, adapter=True)
-    trajs = []
+    trajs, note_len = [], []
     for i, ((g, p), opening) in enumerate(zip(dialogues, openings)):
         t = Trajectory(persona=p, group=g, ids=[], agent_mask=[], turn_ids=[], logprobs=[], note_slots=[],
                        messages=[])
         opening_ids, body, closing_ids = lm.message_ids(tokenizer, "system", personas.agent_system_prompt(p))
         t.extend(opening_ids + body)
         t.note_slots.append(len(t.ids))
-        note = note_ids(tokenizer, p) if privileged else None
+        note = note_ids(tokenizer, p) if privileged or teacher_placement else None
+        note_len.append(len(note) if teacher_placement else 0)
         t.extend((note if privileged == "system" else []) + closing_ids)
         _user_turn(t, tokenizer, opening, header, note if privileged == "turn" else None)
         policy.add(i, t.ids)
         trajs.append(t)
-    generator = torch.Generator().manual_seed(seed)
+    generator = device_generator(seed, model)
     max_context = rollout_cfg["max_context"]
+
+    def teacher_extra(i):  # tokens the privileged view adds to dialogue i so far
+        slots = 1 if teacher_placement == "system" else len(trajs[i].note_slots) - 1
+        return note_len[i] * slots
+
     live = list(range(len(trajs)))
     bar = _progress(progress, simulator.cfg["max_turns"])
     while live:
-        overflow = [i for i in live if len(trajs[i].ids) + rollout_cfg["max_new_tokens"] > max_context]
+        overflow = [i for i in live
+                    if len(trajs[i].ids) + teacher_extra(i) + rollout_cfg["max_new_tokens"] > max_context]
         for i in overflow:
             trajs[i].decision = "overflow"
             simulator.abort(i, "overflow")
@@ -332,15 +353,17 @@ def run(model, tokenizer, simulator, persona_list, rollout_cfg, group_size=1, se
         live = [i for i in live if i not in overflow]
         if not live:
             break
-        outs = policy.generate(rollout_cfg["max_new_tokens"], {eos}, temperature=rollout_cfg["temperature"],
+        outs = policy.generate(rollout_cfg["max_new_tokens"], stops, temperature=rollout_cfg["temperature"],
                                top_p=rollout_cfg["top_p"], generator=generator)
         agent_msgs = [None] * len(trajs)
         for i in live:
             tokens, logprobs = outs[i]
             t = trajs[i]
             t.extend(tokens, agent=True, logprobs=logprobs)
-            ended = tokens[-1] == eos
-            tail = closing if ended else [eos] + closing  # a truncated turn is closed as context
+            ended = tokens[-1] in stops
+            # the template's own end-of-turn token is followed by the rest of the closing; any other stop
+            # token, or a turn cut at the token budget, is closed as context with the full closing
+            tail = closing if tokens[-1] == eos else [eos] + closing
             t.extend(tail)
             policy.extend(i, tail)
             text = tokenizer.decode(tokens[:-1] if ended else tokens, skip_special_tokens=True).strip()

@@ -34,10 +34,13 @@ batch of rollouts by default.
 
 import contextlib
 import json
+import math
 import os
 import random
 import shutil
+import signal
 import sys
+import threading
 import time
 import warnings
 
@@ -63,30 +66,52 @@ def _segment_mean(values, segments, n_segments):
     return sums / counts.clamp(min=1), counts
 
 
-def _kl_full(teacher_logits, student_logits):
-    """Exact forward KL(teacher || student) per row over the whole vocabulary. (n, V) -> (n,)."""
+def divergence(teacher_logp, student_logp, kind="forward", alpha=0.5):
+    """Per-row divergence between two distributions given as log-probs over the same support (n, K),
+    in TRL's convention (`trl/experimental/sdft/loss_utils.py`, `alpha`):
+
+      forward  (alpha 0)  KL(teacher || student) = sum_v p_T (log p_T - log p_S)   [mode-covering]
+      reverse  (alpha 1)  KL(student || teacher) = sum_v p_S (log p_S - log p_T)   [mode-seeking]
+      jsd      (alpha)    (1 - alpha) KL(student || m) + alpha KL(teacher || m),
+                          m = alpha p_T + (1 - alpha) p_S   (generalised JSD; 0.5 = the symmetric JSD)
+
+    Returns (n,), non-negative. Example, p_T = [0.25, 0.75], p_S = [0.5, 0.5]: forward 0.1308,
+    reverse 0.1438, jsd(0.5) 0.0338 (each term against m = [0.375, 0.625])."""
+    if kind == "forward":
+        return (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1)
+    if kind == "reverse":
+        return (student_logp.exp() * (student_logp - teacher_logp)).sum(-1)
+    if kind == "jsd":
+        m = torch.logsumexp(torch.stack([teacher_logp + math.log(alpha), student_logp + math.log1p(-alpha)]), 0)
+        kl_t = (teacher_logp.exp() * (teacher_logp - m)).sum(-1)
+        kl_s = (student_logp.exp() * (student_logp - m)).sum(-1)
+        return (1 - alpha) * kl_s + alpha * kl_t
+    raise ValueError(f"unknown divergence {kind!r}; allowed: forward, reverse, jsd")
+
+
+def _with_tail(logp_top):
+    """Append one bucket holding the mass outside a top-k support: (n, k) -> (n, k + 1), sums to 1."""
+    captured = torch.logsumexp(logp_top, -1, keepdim=True).clamp(max=-1e-7)
+    return torch.cat([logp_top, torch.log(-torch.expm1(captured))], -1)
+
+
+def _token_divergence(teacher_logits, student_logits, kind, alpha, vocab, topk, support):
     t = torch.log_softmax(teacher_logits.float(), -1)
     s = torch.log_softmax(student_logits.float(), -1)
-    return (t.exp() * (t - s)).sum(-1)
+    if vocab == "topk":   # the top-k tokens of one side (`support`), the other projected onto them, + tail
+        idx = (t if support == "teacher" else s).topk(topk, -1).indices                    # (n, k)
+        t, s = _with_tail(t.gather(-1, idx)), _with_tail(s.gather(-1, idx))
+    return divergence(t, s, kind, alpha)
 
 
-def _kl_topk(teacher_logits, student_logits, k):
-    """KL over the teacher's top-k tokens plus one tail bucket holding the rest of the mass. (n,)."""
-    t = torch.log_softmax(teacher_logits.float(), -1)
-    s = torch.log_softmax(student_logits.float(), -1)
-    t_top, idx = t.topk(k, -1)                                              # (n, k)
-    s_top = s.gather(-1, idx)
-    t_tail = torch.log1p(-t_top.exp().sum(-1).clamp(max=1 - 1e-6))          # log(1 - sum p_T)
-    s_tail = torch.log1p(-s_top.exp().sum(-1).clamp(max=1 - 1e-6))
-    return (t_top.exp() * (t_top - s_top)).sum(-1) + t_tail.exp() * (t_tail - s_tail)
-
-
-def token_kl(student_logits, teacher_logits, vocab="full", topk=64, chunk=256):
-    """Per-token KL(teacher || student) for (N, V) logits, `chunk` rows at a time. Each chunk is
+def token_divergence(student_logits, teacher_logits, kind="forward", alpha=0.5, vocab="full", topk=64,
+                     support="teacher", chunk=256):
+    """Per-token divergence of (N, V) logits, over the full vocabulary or a top-k support plus a tail
+    bucket (`support`: whose top-k, TRL's `topk_support`), `chunk` rows at a time. Each chunk is
     recomputed in the backward pass (checkpointing), so the softmax temporaries never exceed
     chunk x V whatever N and V are. Returns (N,)."""
     from torch.utils.checkpoint import checkpoint
-    fn = _kl_full if vocab == "full" else (lambda t, s: _kl_topk(t, s, topk))
+    fn = lambda t, s: _token_divergence(t, s, kind, alpha, vocab, topk, support)
     pieces = []
     for i in range(0, student_logits.shape[0], chunk):
         s, t = student_logits[i:i + chunk], teacher_logits[i:i + chunk]
@@ -94,38 +119,39 @@ def token_kl(student_logits, teacher_logits, vocab="full", topk=64, chunk=256):
     return torch.cat(pieces) if pieces else student_logits.new_zeros(0)
 
 
-def aopsd_loss(student_logits, teacher_logits, mask, turn_ids, turn_weights=None, vocab="full", topk=64,
-               chunk=256, clip=0.0):
+def aopsd_loss(student_logits, teacher_logits, mask, turn_ids, turn_weights=None, weight_total=None,
+               kind="forward", alpha=0.5, vocab="full", topk=64, support="teacher", chunk=256, clip=0.0):
     """Asymmetric on-policy self-distillation loss.
 
     student_logits (B, T, V)  the student's logits; position t predicts token t+1 of its sequence
     teacher_logits (B, T, V)  the teacher's logits gathered at the *same* predicted tokens (aligned)
     mask           (B, T)     1 where the predicted token is an agent token
     turn_ids       (B, T)     agent turn of the predicted token (any value where mask = 0)
-    turn_weights   (B, K)     weight of each (trajectory, turn); None = uniform
-    Returns (loss, mean per-token KL): per-token KL, optionally clipped at `clip`, averaged within
-    each turn, then a weighted mean over the turns present.
+    turn_weights   (B, K)     weight of each (trajectory, turn); None = uniform (1 each)
+    weight_total   scalar     the sum of the weights over the *whole optimisation step*; None = the
+                              sum over the turns present here. The trainer passes the step's total,
+                              so splitting a step into micro-batches changes nothing.
+    Returns (loss, mean per-token divergence): per-token divergence (`kind`, `alpha`: see
+    `divergence`), optionally clipped at `clip`, averaged within each turn, then
+    sum_turns w * turn_mean / weight_total.
 
-    Example: one trajectory, two turns with 2 and 1 agent tokens whose KLs are [0.2, 0.4] and [0.9]:
-    turn means [0.3, 0.9]; uniform weights give loss 0.6 (a token mean would give 0.5).
+    Example: one trajectory, two turns with 2 and 1 agent tokens whose divergences are [0.2, 0.4] and
+    [0.9]: turn means [0.3, 0.9]; uniform weights give loss 0.6 (a token mean would give 0.5).
     """
     m = mask.bool()
-    kl = token_kl(student_logits[m], teacher_logits[m].detach(), vocab, topk, chunk)     # (N,)
+    div = token_divergence(student_logits[m], teacher_logits[m].detach(), kind, alpha, vocab, topk, support,
+                           chunk)                                                         # (N,)
     if clip > 0:
-        kl = kl.clamp(max=clip)
+        div = div.clamp(max=clip)
     n_turns = int(turn_ids[m].max()) + 1 if m.any() else 1
     rows = torch.arange(mask.shape[0], device=mask.device)[:, None].expand_as(mask)[m]
     segments = rows * n_turns + turn_ids[m].long()                                       # (N,)
-    turn_kl, counts = _segment_mean(kl, segments, mask.shape[0] * n_turns)              # (B*K,)
-    present = (counts > 0).to(kl.dtype)
-    if turn_weights is None:
-        weights = present
-    else:
-        weights = turn_weights[:, :n_turns].reshape(-1).to(kl.dtype) * present
-        if weights.sum() <= 0:
-            weights = present
-    loss = (turn_kl * weights).sum() / weights.sum().clamp(min=1e-8)
-    return loss, kl.detach().mean() if kl.numel() else kl.new_zeros(())
+    turn_div, counts = _segment_mean(div, segments, mask.shape[0] * n_turns)            # (B*K,)
+    present = (counts > 0).to(div.dtype)
+    weights = present if turn_weights is None else turn_weights[:, :n_turns].reshape(-1).to(div.dtype) * present
+    total = weights.sum() if weight_total is None else torch.as_tensor(weight_total, dtype=div.dtype)
+    loss = (turn_div * weights).sum() / total.clamp(min=1e-8)
+    return loss, div.detach().mean() if div.numel() else div.new_zeros(())
 
 
 def stpr_advantages(final_rewards, delta_w, groups, mode="direction", beta=0.5, eps=1e-6):
@@ -137,20 +163,26 @@ def stpr_advantages(final_rewards, delta_w, groups, mode="direction", beta=0.5, 
     mode: 'direction' A_ik = |A_i| sign(dw_ik), sign(A_i) where dw_ik = 0   (SAVPO's STPR)
           'additive'  A_ik = A_i + beta * dw_ik / (std of all dw + eps)
           'outcome'   A_ik = A_i                                           (plain GRPO)
-    with A_i = (R_i - mean_G R) / (std_G R + eps), population std within the group.
-    Returns (trajectory advantages (N,), [ (K_i,) per-turn advantages ]).
+    with A_i = (R_i - mean_G R) / (std_G R + eps), population std within the group (the group is
+    the whole population of the persona's rollouts, as in GRPO/TRL). The statistics are computed in
+    float64, and a group whose rewards are all equal gets exactly A_i = 0: without that, the rounding
+    error of a float32 mean of equal non-dyadic rewards (8 x 3.2), divided by std + eps ~ 1e-6, gives
+    every member a spurious advantage of about -0.2.
+    Returns (trajectory advantages (N,) float32, [ (K_i,) per-turn advantages ]).
 
     Worked example, one group of 3 rollouts, R = [1, 0, 0]: mean 1/3, std 0.471, so
     A = [1.414, -0.707, -0.707]. If rollout 2 moved willingness by dw = [+0.5, 0, -0.5], its turn
     advantages are [+0.707, -0.707, -0.707]: the turn that raised willingness is reinforced even in a
     failed call, the others are pushed down. In 'outcome' mode all three would be -0.707.
     """
-    final_rewards = final_rewards.float()
-    adv = torch.zeros_like(final_rewards)
+    rewards = final_rewards.double()
+    adv = torch.zeros_like(rewards)
     for g in groups.unique():
         sel = groups == g
-        r = final_rewards[sel]
-        adv[sel] = (r - r.mean()) / (r.std(unbiased=False) + eps)
+        r = rewards[sel]
+        if r.max() > r.min():   # equal rewards: no contrast, exactly 0
+            adv[sel] = (r - r.mean()) / (r.std(unbiased=False) + eps)
+    adv = adv.float()
     all_dw = torch.cat([d.float() for d in delta_w]) if delta_w else torch.zeros(0)
     dw_scale = all_dw.std(unbiased=False) + eps if all_dw.numel() > 1 else 1.0
     per_turn = []
@@ -171,16 +203,23 @@ def stpr_advantages(final_rewards, delta_w, groups, mode="direction", beta=0.5, 
 def clipped_pg_loss(logp, old_logp, adv, mask, eps_low=0.2, eps_high=0.28):
     """Token-mean clipped policy-gradient (PPO/GRPO) objective.
 
-    logp, old_logp, adv, mask: (B, T). Returns (loss, fraction of agent tokens clipped).
+    logp, old_logp, adv, mask: (B, T).
     loss = -sum_t mask_t min(r_t A_t, clip(r_t, 1 - eps_low, 1 + eps_high) A_t) / sum_t mask_t
+    Returns (loss, clip_frac, outside_frac) over the masked tokens:
+      clip_frac     where the clip removed the gradient: r < 1 - eps_low with A < 0, or
+                    r > 1 + eps_high with A > 0 (TRL's `clip_ratio/region_mean`);
+      outside_frac  where r is outside [1 - eps_low, 1 + eps_high] whatever the sign of A.
     """
     ratio = torch.exp(logp - old_logp)
     clipped_ratio = ratio.clamp(1 - eps_low, 1 + eps_high)
     objective = torch.minimum(ratio * adv, clipped_ratio * adv)
     n = mask.sum().clamp(min=1)
     loss = -(objective * mask).sum() / n
-    clip_frac = (((ratio - clipped_ratio).abs() > 1e-6).float() * mask).sum() / n
-    return loss, clip_frac.detach()
+    low, high = ratio < 1 - eps_low, ratio > 1 + eps_high
+    clipped = (low & (adv < 0)) | (high & (adv > 0))
+    clip_frac = (clipped.float() * mask).sum() / n
+    outside_frac = ((low | high).float() * mask).sum() / n
+    return loss, clip_frac.detach(), outside_frac.detach()
 
 
 def ref_kl(logp, ref_logp, mask):
@@ -194,31 +233,19 @@ def ref_kl(logp, ref_logp, mask):
 # =============================================================================================
 
 def agent_targets(traj):
-    """Positions j whose *next* token j+1 the policy sampled: (positions, target ids, old log-probs,
+    """Positions j whose *next* token j+1 the policy sampled: (positions, target ids, rollout log-probs,
     turn of each target). The logits at position j predict token j+1."""
     pos = [j for j in range(len(traj.ids) - 1) if traj.agent_mask[j + 1]]
     return (pos, [traj.ids[j + 1] for j in pos], [traj.logprobs[j + 1] for j in pos],
             [traj.turn_ids[j + 1] for j in pos])
 
 
-def _hidden(model, rows, pad_id):
-    """Last hidden states (B, T, H) of right-padded rows through the (LoRA-wrapped) decoder."""
-    device = next(model.parameters()).device
-    width = max(map(len, rows))
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r, device=device)
-        mask[i, :len(r)] = 1
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.model(input_ids=ids, attention_mask=mask).last_hidden_state
-
-
-def _logits_at(model, hidden, rows_cols):
-    """lm_head on the selected (row, col) positions only: (N, V), never (B, T, V)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    b, c = rows_cols
-    return base.lm_head(hidden[b, c])
+def policy_logits(model, trajs, targets):
+    """(N, V) logits at every agent-target position of a few trajectories, through the model's own head."""
+    rows = torch.tensor([b for b, tg in enumerate(targets) for _ in tg[0]], dtype=torch.long)
+    cols = torch.tensor([j for tg in targets for j in tg[0]], dtype=torch.long)
+    # tokens after a trajectory's last agent token (the callee's closing line) predict nothing we train
+    return lm.selected_logits(model, [t.ids[:tg[0][-1] + 1] for t, tg in zip(trajs, targets)], (rows, cols))
 
 
 # =============================================================================================
@@ -227,7 +254,7 @@ def _logits_at(model, hidden, rows_cols):
 
 class Trainer:
     """Everything one run needs: one base model + LoRA serving all four roles, the simulator, the
-    optimizer, persona splits, logs and checkpoints. `train()` is the loop."""
+    optimizer, persona schedule, logs and checkpoints. `train()` is the loop."""
 
     def __init__(self, cfg, resume=False, log=print):
         self.cfg, self.log = cfg, log
@@ -235,6 +262,7 @@ class Trainer:
         torch.manual_seed(cfg["seed"])
         random.seed(cfg["seed"])
         self.tokenizer, base = lm.load_model(cfg["model"])
+        lm.check_context(base.config, cfg["rollout"]["max_context"], cfg["model"]["name_or_path"])
         t = cfg["train"]
         self.model = lm.add_lora(base, cfg["lora"], gradient_checkpointing=t["gradient_checkpointing"])
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -245,13 +273,12 @@ class Trainer:
             self.model.add_adapter("ema", self.model.peft_config["default"])
             self._copy_adapter("default", "ema", decay=0.0)
             self.model.set_adapter("default")
-        sim_tokenizer, sim_model = self.tokenizer, self.model   # same base, adapter disabled
+        self.sim_tokenizer, self.sim_model = self.tokenizer, self.model   # same base, adapter disabled
         if cfg["simulator"]["model"]:
-            sim_tokenizer, sim_model = lm.load_model({**cfg["model"], "name_or_path": cfg["simulator"]["model"]})
-        self.simulator = S.CognitiveUserSimulator(cfg["simulator"], sim_model, sim_tokenizer, seed=cfg["seed"])
+            self.sim_tokenizer, self.sim_model = lm.load_model({**cfg["model"], "name_or_path": cfg["simulator"]["model"]})
+        self.simulator = S.CognitiveUserSimulator(cfg["simulator"], self.sim_model, self.sim_tokenizer, seed=cfg["seed"])
+        self.train_personas = [p for k in range(t["steps"]) for p in self.personas_for(k)]
         pc = cfg["personas"]
-        n_train = t["steps"] * t["personas_per_step"]
-        self.train_personas = P.sample_many(pc["domains"], n_train, pc["train_seed"])
         self.eval_personas = P.sample_many(pc["domains"], pc["eval_n"], pc["eval_seed"],
                                            exclude_ids={p.persona_id for p in self.train_personas})
         P.check_disjoint(self.train_personas, self.eval_personas)
@@ -281,17 +308,21 @@ class Trainer:
 
     # -- one step ------------------------------------------------------------------------------
     def personas_for(self, step):
-        k = self.cfg["train"]["personas_per_step"]
-        return self.train_personas[step * k:(step + 1) * k]
+        """The training personas of step `step` (0-based): a function of the seed and the step only."""
+        pc = self.cfg["personas"]
+        return P.schedule(pc["domains"], self.cfg["train"]["personas_per_step"], pc["train_seed"], step)
 
     def collect(self, step):
         """Rollouts for one step (G per persona), with the model in eval mode and no gradient."""
         self.model.eval()
         t0 = time.perf_counter()
+        aopsd = self.cfg["aopsd"]
         trajs = rollout.run(self.model, self.tokenizer, self.simulator, self.personas_for(step),
                             self.cfg["rollout"], group_size=self.cfg["train"]["group_size"],
-                            seed=self.cfg["seed"] * 100_003 + step)
+                            seed=self.cfg["seed"] * 100_003 + step,
+                            teacher_placement=aopsd["placement"] if aopsd["coef"] > 0 else None)
         seconds = time.perf_counter() - t0
+        # policy tokens + the simulator's own lines (its decoder is made anew by every reset)
         generated = sum(sum(t.agent_mask) for t in trajs) + getattr(getattr(self.simulator, "view", None),
                                                                      "generated_tokens", 0)
         return trajs, seconds, generated
@@ -303,87 +334,114 @@ class Trainer:
         st = self.cfg["stpr"]
         return stpr_advantages(rewards, dws, groups, st["mode"], st["beta"])
 
+    def _turn_weights(self, traj, turns):
+        """AOPSD weight of each agent turn in `turns`: 1 (uniform) or |delta willingness| it caused."""
+        if self.cfg["aopsd"]["turn_weighting"] == "uniform":
+            return {k: 1.0 for k in turns}
+        return {k: abs(traj.states[k]["delta_willingness"]) for k in turns}
+
     def update(self, trajs, per_turn_adv, step):
-        """`train.epochs` passes of micro-batched updates over this step's rollouts. Each micro-batch's
-        loss is scaled by its share of the step's agent tokens (PG) or agent turns (AOPSD), so the
-        accumulated gradient is that of the token-mean / turn-mean over the whole step."""
-        t = self.cfg["train"]
+        """`train.epochs` passes of micro-batched updates over this step's rollouts, one optimizer step
+        per pass. Every normaliser is the whole step's: the PG term is a token mean over the step's
+        agent tokens (each micro-batch's token mean scaled by its token share, TRL's `dapo`), the AOPSD
+        term a weighted turn mean over the step's turns. So the gradient does not depend on
+        `train.micro_batch`. The "old" log-probs of the ratio are the first pass's own, detached (all
+        micro-batches of a pass see the same weights): the first ratio is exactly 1 in any dtype."""
+        t, a, st = self.cfg["train"], self.cfg["aopsd"], self.cfg["stpr"]
         trainable = [i for i, tr in enumerate(trajs) if sum(tr.agent_mask) > 0]
-        totals = {"tokens": sum(sum(trajs[i].agent_mask) for i in trainable),
-                  "turns": sum(trajs[i].n_turns for i in trainable)}
+        targets = {i: agent_targets(trajs[i]) for i in trainable}
+        weights = {i: self._turn_weights(trajs[i], sorted(set(targets[i][3]))) for i in trainable}
+        weight_total = sum(w for i in trainable for w in weights[i].values())
+        if weight_total <= 0:   # every turn weight of the step is 0 (no willingness moved): uniform
+            weights = {i: {k: 1.0 for k in weights[i]} for i in trainable}
+            weight_total = sum(len(weights[i]) for i in trainable)
+        norm = {"tokens": sum(len(targets[i][0]) for i in trainable), "weight_total": weight_total}
+        # a trajectory with no PG signal needs no forward at all when nothing else uses it (grpo/refine)
+        pg_signal = lambda i: st["coef"] > 0 and bool((per_turn_adv[i] != 0).any())
+        work = [i for i in trainable if a["coef"] > 0 or st["ref_kl"] > 0 or pg_signal(i)]
+        keys = ("loss", "pg_loss", "aopsd_kl", "clip_frac", "outside_frac", "ref_kl", "grad_norm", "teacher_s")
+        stats = {k: 0.0 for k in keys}
+        stats.update(nonfinite=0, logprob_gap_mean=0.0, logprob_gap_max=0.0)
+        old, done_epochs = {}, 0
         order_rng = random.Random(f"{self.cfg['seed']}:{step}")
-        stats = {"loss": 0.0, "pg_loss": 0.0, "aopsd_kl": 0.0, "clip_frac": 0.0, "ref_kl": 0.0,
-                 "grad_norm": 0.0, "nonfinite": 0}
         for epoch in range(t["epochs"]):
-            order = trainable[:]
+            order = work[:]
             order_rng.shuffle(order)
+            epoch_stats = {k: 0.0 for k in keys}
             self.optimizer.zero_grad(set_to_none=True)
             finite = True
             self.model.train()
             for start in range(0, len(order), t["micro_batch"]):
                 chunk = order[start:start + t["micro_batch"]]
-                loss = self._micro_batch_loss([trajs[i] for i in chunk], [per_turn_adv[i] for i in chunk],
-                                              totals, stats)
+                loss = self._micro_batch_loss(chunk, trajs, targets, per_turn_adv, weights, norm, old, epoch_stats)
                 if not torch.isfinite(loss):
                     finite = False
                     break
                 if loss.requires_grad:
                     loss.backward()
-                stats["loss"] += float(loss.detach())
+                epoch_stats["loss"] += float(loss.detach())
             self.model.eval()
+            if epoch == 0:
+                gaps = torch.cat([(old[i] - torch.tensor(targets[i][2])).abs() for i in old]) if old else torch.zeros(1)
+                stats["logprob_gap_mean"], stats["logprob_gap_max"] = float(gaps.mean()), float(gaps.max())
             if not finite:
                 self.optimizer.zero_grad(set_to_none=True)
                 stats["nonfinite"] += 1
-                warnings.warn(f"step {step}: non-finite loss; update skipped, nothing written from it.")
+                warnings.warn(f"step {step + 1}: non-finite loss; update skipped, nothing written from it.")
                 continue
-            stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.params, t["grad_clip"]))
+            epoch_stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.params, t["grad_clip"]))
             self.optimizer.step()
-            if self.cfg["aopsd"]["teacher"] == "ema":
-                self._copy_adapter("default", "ema", decay=self.cfg["aopsd"]["ema_decay"])
+            if a["teacher"] == "ema":
+                self._copy_adapter("default", "ema", decay=a["ema_decay"])
+            done_epochs += 1
+            for k in keys:
+                stats[k] += epoch_stats[k]
+        for k in keys:   # logged as the mean over the passes that updated, not their sum
+            stats[k] /= max(1, done_epochs)
         self.scheduler.step()
         return stats
 
-    def _micro_batch_loss(self, batch, advs, totals, stats):
-        """The SAVPO loss of a few trajectories, on their agent tokens only (flattened to N)."""
+    def _micro_batch_loss(self, chunk, trajs, targets, per_turn_adv, weights, norm, old, stats):
+        """The SAVPO loss of the trajectories `chunk`, on their agent tokens only (flattened to N),
+        already scaled by their share of the step (see `update`)."""
         a, st = self.cfg["aopsd"], self.cfg["stpr"]
-        temperature = self.cfg["rollout"]["temperature"] or 1.0   # greedy rollouts were scored at T = 1
-        targets = [agent_targets(tr) for tr in batch]
-        rows = torch.tensor([b for b, tg in enumerate(targets) for _ in tg[0]])
-        cols = torch.tensor([j for tg in targets for j in tg[0]])
-        # each (trajectory, turn) pair is one AOPSD segment
-        pairs = [(b, k) for b, tg in enumerate(targets) for k in tg[3]]
-        keys = sorted(set(pairs))
-        hidden = _hidden(self.model, [tr.ids for tr in batch], self.tokenizer.pad_token_id)
-        logits = _logits_at(self.model, hidden, (rows, cols))                                   # (N, V)
+        batch, tgs = [trajs[i] for i in chunk], [targets[i] for i in chunk]
+        pairs = [(b, k) for b, tg in enumerate(tgs) for k in tg[3]]             # (trajectory, turn) of each token
+        logits = policy_logits(self.model, batch, tgs)                          # (N, V)
         device = logits.device
-        target_ids = torch.tensor([x for tg in targets for x in tg[1]], device=device)         # (N,)
-        old_logp = torch.tensor([x for tg in targets for x in tg[2]], device=device)           # (N,)
-        adv = torch.tensor([float(advs[b][k]) for b, k in pairs], device=device)               # (N,)
-        logp = torch.log_softmax(logits.float() / temperature, -1).gather(-1, target_ids[:, None])[:, 0]
+        target_ids = torch.tensor([x for tg in tgs for x in tg[1]], device=device)              # (N,)
+        logp = lm.token_logprobs(logits, target_ids, self.cfg["rollout"]["temperature"])        # (N,)
+        sizes = [len(tg[0]) for tg in tgs]
+        if chunk[0] not in old:   # first pass: the behaviour policy's log-probs are these, detached
+            old.update(zip(chunk, logp.detach().cpu().split(sizes)))
+        old_logp = torch.cat([old[i] for i in chunk]).to(device)
         ones = torch.ones(1, len(pairs), device=device)
-        token_share = len(pairs) / totals["tokens"]
+        token_share = len(pairs) / norm["tokens"]
         loss = logits.new_zeros((), dtype=torch.float32)
         if st["coef"] > 0:
-            pg, clip_frac = clipped_pg_loss(logp[None], old_logp[None], adv[None], ones, st["eps_low"], st["eps_high"])
+            adv = torch.tensor([float(per_turn_adv[chunk[b]][k]) for b, k in pairs], device=device)   # (N,)
+            pg, clip_frac, outside = clipped_pg_loss(logp[None], old_logp[None], adv[None], ones,
+                                                     st["eps_low"], st["eps_high"])
             loss = loss + st["coef"] * pg * token_share
             stats["pg_loss"] += float(pg.detach()) * token_share
             stats["clip_frac"] += float(clip_frac) * token_share
+            stats["outside_frac"] += float(outside) * token_share
         if a["coef"] > 0:
-            teacher_logits = self._teacher_logits(batch, targets)                               # (N, V)
+            t0 = time.perf_counter()
+            teacher_logits = self._teacher_logits(batch, tgs)                                  # (N, V)
+            stats["teacher_s"] += time.perf_counter() - t0
+            keys = sorted(set(pairs))
             segment = torch.tensor([keys.index(p) for p in pairs], device=device)
-            weights = None
-            if a["turn_weighting"] == "willingness":
-                weights = torch.tensor([[abs(batch[b].states[k]["delta_willingness"]) for b, k in keys]],
-                                       device=device)
-            kl_loss, kl_mean = aopsd_loss(logits[None], teacher_logits[None], ones, segment[None], weights,
-                                          a["vocab"], a["topk"], a["chunk"], a["clip"])
-            loss = loss + a["coef"] * kl_loss * (sum(tr.n_turns for tr in batch) / totals["turns"])
+            turn_w = torch.tensor([[weights[chunk[b]][k] for b, k in keys]], device=device)
+            kl_loss, kl_mean = aopsd_loss(logits[None], teacher_logits[None], ones, segment[None], turn_w,
+                                          norm["weight_total"], a["divergence"], a["alpha"], a["vocab"],
+                                          a["topk"], a["topk_support"], a["chunk"], a["clip"])
+            loss = loss + a["coef"] * kl_loss
             stats["aopsd_kl"] += float(kl_mean) * token_share
         if st["ref_kl"] > 0:
             with torch.no_grad(), lm.adapter_off(self.model):
-                ref_hidden = _hidden(self.model, [tr.ids for tr in batch], self.tokenizer.pad_token_id)
-                ref_logits = _logits_at(self.model, ref_hidden, (rows, cols))
-            ref_logp = torch.log_softmax(ref_logits.float() / temperature, -1).gather(-1, target_ids[:, None])[:, 0]
+                ref_logits = policy_logits(self.model, batch, tgs)
+            ref_logp = lm.token_logprobs(ref_logits, target_ids, self.cfg["rollout"]["temperature"])
             kl_ref = ref_kl(logp[None], ref_logp[None], ones)
             loss = loss + st["ref_kl"] * kl_ref * token_share
             stats["ref_kl"] += float(kl_ref.detach()) * token_share
@@ -398,30 +456,32 @@ class Trainer:
         for b, (tr, tg) in enumerate(zip(batch, targets)):
             teacher_ids, index = rollout.teacher_view(tr, rollout.note_ids(self.tokenizer, tr.persona),
                                                       a["placement"])
-            rows.append(teacher_ids)
             for j in tg[0]:
                 b_idx.append(b)
                 c_idx.append(index[j + 1] - 1)     # the teacher position predicting token j + 1
+            rows.append(teacher_ids[:c_idx[-1] + 1])
         was_training = self.model.training
         self.model.eval()  # deterministic teacher; the student's mode is restored below
         with self._teacher_ctx():
-            hidden = _hidden(self.model, rows, self.tokenizer.pad_token_id)
-            logits = _logits_at(self.model, hidden, (torch.tensor(b_idx), torch.tensor(c_idx)))
+            logits = lm.selected_logits(self.model, rows, (torch.tensor(b_idx), torch.tensor(c_idx)))
         self.model.train(was_training)
         return logits
 
     # -- evaluation, logging, checkpoints ------------------------------------------------------
     def evaluate(self):
-        return evaluation.quick(self.model, self.tokenizer, self.cfg, self.eval_personas, seed=self.cfg["seed"])
+        return evaluation.quick(self.model, self.tokenizer, self.cfg, self.eval_personas, seed=self.cfg["seed"],
+                                sim_model=self.sim_model, sim_tokenizer=self.sim_tokenizer)
 
     def checkpoint_dir(self):
         return os.path.join(self.out, "checkpoints")
 
     def save_checkpoint(self):
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
         return write_checkpoint(self.checkpoint_dir(), self.step, self.model, {
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "step": self.step, "skipped_steps": self.skipped_steps,
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()}})
+            "step": self.step, "skipped_steps": self.skipped_steps, "rng": rng})
 
     def _load_checkpoint(self):
         from peft import set_peft_model_state_dict
@@ -443,57 +503,114 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         self.step, self.skipped_steps = state["step"], state["skipped_steps"]
+        # the logs continue from the checkpoint: lines of steps after it (written before a kill) go
+        for name in ("metrics.jsonl", "samples.jsonl"):
+            truncate_jsonl(os.path.join(self.out, name), self.step)
         self.log(f"resumed from {path} at step {self.step}")
 
     def train(self):
+        """The loop: rollouts -> advantages -> update -> log (-> evaluate) (-> checkpoint), per step.
+        Ctrl-C is deferred to the end of the running step, which is then checkpointed; a second Ctrl-C
+        leaves at once and the last checkpoint stands (never a half-applied step)."""
         t = self.cfg["train"]
         os.makedirs(self.out, exist_ok=True)
         metrics_path = os.path.join(self.out, "metrics.jsonl")
         samples_path = os.path.join(self.out, "samples.jsonl")
         from tqdm import tqdm
         bar = tqdm(total=t["steps"], initial=self.step, desc=f"{self.cfg['algo']}", unit="step")
+        interrupt = _DeferredInterrupt(self.log)
         try:
-            while self.step < t["steps"]:
-                step = self.step
-                t0 = time.perf_counter()
-                trajs, roll_s, generated = self.collect(step)
-                traj_adv, per_turn = self.advantages(trajs)
-                stats = self.update(trajs, per_turn, step)
-                record = {"step": step + 1, **summarize(trajs), **{k: round(v, 5) for k, v in stats.items()},
-                          "lr": self.scheduler.get_last_lr()[0], "rollout_tok_s": round(generated / roll_s, 1),
-                          "rollout_s": round(roll_s, 1), "step_s": round(time.perf_counter() - t0, 1),
-                          "peak_mem_gb": peak_memory_gb()}
-                self.skipped_steps += stats["nonfinite"] > 0
-                self.step = step + 1
-                if t["eval_every"] and self.step % t["eval_every"] == 0 and self.step < t["steps"]:
-                    record.update({f"eval_{k}": v for k, v in self.evaluate().items()})
-                _append_jsonl(metrics_path, record)
-                if t["samples_every"] and self.step % t["samples_every"] == 0:
-                    for tr in trajs[::self.cfg["train"]["group_size"]]:
-                        _append_jsonl(samples_path, {"step": self.step, **tr.to_dict()})
-                if t["save_every"] and self.step % t["save_every"] == 0:
-                    self.save_checkpoint()
-                bar.update(1)
-                bar.write(f"step {self.step:3d} | loss {record['loss']:+.4f} pg {record['pg_loss']:+.4f} "
-                          f"kl {record['aopsd_kl']:.4f} | success {record['success_rate']:.2f} "
-                          f"dw {record['willingness_gain']:+.2f} resolved {record['resolve_rate']:.2f} | "
-                          f"{record['rollout_tok_s']:.0f} tok/s {record['step_s']:.0f}s")
-        except KeyboardInterrupt:
-            bar.close()
-            path = self.save_checkpoint()
-            self.log(f"interrupted: checkpoint of step {self.step} saved to {path}; continue with --resume")
-            raise SystemExit(130)
+            with interrupt:
+                while self.step < t["steps"] and not interrupt.requested:
+                    self._one_step(metrics_path, samples_path, bar)
         except torch.cuda.OutOfMemoryError:
             raise SystemExit(f"out of memory at step {self.step + 1}: lower train.micro_batch "
                              f"(now {t['micro_batch']}), train.group_size / train.personas_per_step, "
                              f"rollout.max_new_tokens, or set train.gradient_checkpointing=true / "
                              f"model.quantization=4bit.") from None
         bar.close()
+        if interrupt.requested:
+            path = self.save_checkpoint()
+            self.log(f"interrupted: checkpoint of step {self.step} saved to {path}; continue with --resume")
+            raise SystemExit(130)
         if not t["save_every"] or self.step % t["save_every"]:
             self.save_checkpoint()
         evaluation.plot_curves(self.out)
         return self.evaluate()
+
+    def _one_step(self, metrics_path, samples_path, bar):
+        t = self.cfg["train"]
+        step = self.step
+        t0 = time.perf_counter()
+        trajs, roll_s, generated = self.collect(step)
+        _, per_turn = self.advantages(trajs)
+        t1 = time.perf_counter()
+        stats = self.update(trajs, per_turn, step)
+        update_s = time.perf_counter() - t1
+        groups = {}
+        for tr in trajs:
+            groups.setdefault(tr.group, set()).add(tr.reward)
+        record = {"step": step + 1, **summarize(trajs),
+                  "groups_with_signal": round(sum(len(r) > 1 for r in groups.values()) / max(1, len(groups)), 4),
+                  **{k: round(v, 5) for k, v in stats.items()}, "lr": self.scheduler.get_last_lr()[0],
+                  "rollout_tok_s": round(generated / roll_s, 1), "rollout_s": round(roll_s, 1),
+                  "teacher_s": round(stats["teacher_s"], 1), "update_s": round(update_s, 1)}
+        self.skipped_steps += stats["nonfinite"] > 0
+        self.step = step + 1
+        if t["eval_every"] and self.step % t["eval_every"] == 0 and self.step < t["steps"]:
+            t2 = time.perf_counter()
+            record.update({f"eval_{k}": v for k, v in self.evaluate().items()})
+            record["eval_s"] = round(time.perf_counter() - t2, 1)
+        record.update(step_s=round(time.perf_counter() - t0, 1), peak_mem_gb=peak_memory_gb())
+        _append_jsonl(metrics_path, record)
+        if t["samples_every"] and self.step % t["samples_every"] == 0:
+            for tr in trajs[::t["group_size"]]:
+                _append_jsonl(samples_path, {"step": self.step, **tr.to_dict()})
+        if t["save_every"] and self.step % t["save_every"] == 0:
+            self.save_checkpoint()
+        bar.update(1)
+        bar.write(f"step {self.step:3d} | loss {record['loss']:+.4f} pg {record['pg_loss']:+.4f} "
+                  f"kl {record['aopsd_kl']:.4f} | success {record['success_rate']:.2f} groups w/ signal "
+                  f"{record['groups_with_signal']:.2f} dw {record['willingness_gain']:+.2f} revealed "
+                  f"{record['reveal_rate']:.2f} resolved {record['resolve_rate']:.2f} | "
+                  f"{record['rollout_tok_s']:.0f} tok/s {record['step_s']:.0f}s")
+
+
+class _DeferredInterrupt:
+    """Within the block, the first SIGINT only sets `requested` (the loop finishes its step and
+    checkpoints); a second one raises KeyboardInterrupt. Outside the main thread it does nothing."""
+
+    def __init__(self, log):
+        self.log, self.requested, self.previous = log, False, None
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.log("\ninterrupt: finishing this step, then saving a checkpoint (Ctrl-C again to leave at once)")
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+def truncate_jsonl(path, step):
+    """Keep the lines of a step log whose "step" is <= `step` (atomic rewrite); no file, no-op."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(keep)
+    os.replace(path + ".tmp", path)
 
 
 def write_checkpoint(root, step, model, trainer_state):

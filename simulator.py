@@ -50,6 +50,7 @@ import torch
 
 import lm
 import personas as P
+import rollout
 from rollout import KVBatch
 
 STATUS = ("hidden", "revealed", "resolved")
@@ -372,7 +373,7 @@ class CognitiveUserSimulator:
         replicas = [sum(q.persona_id == p.persona_id for q in self.personas[:i]) for i, p in enumerate(self.personas)]
         self.rngs = [random.Random(f"{seed}:{p.persona_id}:{r}") for p, r in zip(self.personas, replicas)]
         self.done = [False] * len(self.personas)
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = rollout.device_generator(seed, self.model) if self.model is not None else None
         openings = [rng.choice(P.load_bank(p.domain)["openings"]) for p, rng in zip(self.personas, self.rngs)]
         if self.cfg["utterance"] == "llm":
             tok = self.tokenizer
@@ -480,7 +481,6 @@ class CognitiveUserSimulator:
 def main():
     import time
     import config
-    import rollout
     parser = argparse.ArgumentParser(description="Play one dialogue: the embedded model as agent vs the simulator.")
     parser.add_argument("--domain", default="courier_recruitment", choices=P.list_domains())
     parser.add_argument("--seed", type=int, default=0)

@@ -38,6 +38,23 @@ def make_tiny_model(tokenizer, seed=0, layers=2):
     return model
 
 
+def make_tiny_arch(tokenizer, arch, seed=0):
+    """A random 2-layer model of another architecture over the real vocabulary, with that class's own
+    output head: Granite divides its logits by `logits_scaling`, Gemma-2 soft-caps them."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    common = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, initializer_range=0.3)
+    extra = {"llama": {}, "qwen2": {},
+             "granite": dict(logits_scaling=0.25, embedding_multiplier=2.0, residual_multiplier=0.5),
+             "gemma2": dict(head_dim=8, final_logit_softcapping=2.0, attn_logit_softcapping=5.0,
+                            query_pre_attn_scalar=8, sliding_window=4096)}[arch]
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(arch, **common, **extra))
+    model.eval()
+    return model
+
+
 @pytest.fixture
 def tiny_model(tokenizer):
     return make_tiny_model(tokenizer)

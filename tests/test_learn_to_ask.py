@@ -113,12 +113,32 @@ def test_grader_is_called_only_when_truth_and_prediction_continue():
     stop = {**cont, "decision_truth": "stop"}
     q = "<action>Any worry?</action><state>s</state>"
     records = L.score([cont, cont, stop, stop], [q, "<action><stop/></action><state>s</state>", q, "junk"], grade,
-                      {"reward": "default", "beta": 2.0})
+                      {"reward": "default", "beta": 2.0, "reward_parse": "strict"})
     assert len(calls) == 1 and calls[0]["question"] == "Any worry?"
     assert [r["R"] for r in records] == [3.0, 0.0, 0.0, 0.0]
     m = L.summarize(records)
     assert m["continue_acc"] == 0.5 and m["stop_acc"] == 0.0 and m["decision_acc"] == 0.25
     assert m["content_mean"] == 0.25 and m["win_rate"] == 0.0 and m["malformed"] == 0.25
+
+
+@pytest.mark.parametrize("truth,text,expected_kind,expected_R", [
+    # the published rule (Trinity-RFT learn2ask reward_fn), grader answering format 1, content 0.5
+    ("stop", "<action><stop/></action><state>all known</state>", "stop", 4.0),      # exact stop: P = 1
+    ("stop", "<action><stop/></action><state>ok</state> Thank you!", "stop", 3.0),  # stop + text: P = 0
+    ("stop", "<stop/>", "stop", 3.0),                                              # bare marker: P = 0
+    ("stop", "<action>Any worry?</action><state>s</state>", "question", 0.0),       # wrong decision
+    ("continue", "<action>Any worry?</action><state>s</state>", "question", 3.0),   # graded continue
+    ("continue", "Is the commission a worry?", "question", 3.0),                   # untagged: still graded
+    ("continue", "<action>Any worry?</action>", "question", 3.0),                  # no state: still graded
+    ("continue", "<action><stop/></action><state>s</state>", "stop", 0.0),          # wrong decision
+])
+def test_published_reward_rule_case_table(truth, text, expected_kind, expected_R):
+    sample = {"decision_truth": truth, "info_truth": ["x"], "info_ids": [], "domain": None, "context": []}
+    lt = {"reward": "default", "beta": 2.0, "reward_parse": "published"}
+    record = L.score([sample], [text], lambda items: [(1.0, 0.5)] * len(items), lt)[0]
+    assert record["kind"] == expected_kind and record["R"] == expected_R
+    strict = L.score([sample], [text], lambda items: [(1.0, 0.5)] * len(items), {**lt, "reward_parse": "strict"})[0]
+    assert strict["R"] == (expected_R if L.parse_action(text)[0] != "malformed" else 0.0)
 
 
 # ----------------------------------------------------------------------------- graders
@@ -218,9 +238,8 @@ def test_grpo_update_raises_the_likelihood_of_rewarded_completions(tokenizer):
         with torch.no_grad():
             out = []
             for tokens, _, _ in completions:
-                h = L.savpo._hidden(model, [prompt + tokens], tokenizer.pad_token_id)
                 pos = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(tokens))
-                logits = L.savpo._logits_at(model, h, (torch.zeros_like(pos), pos))
+                logits = lm.selected_logits(model, [prompt + tokens], (torch.zeros_like(pos), pos))
                 out.append(torch.log_softmax(logits / 0.7, -1).gather(-1, torch.tensor(tokens)[:, None])[:, 0])
             return out
     before = logps()
@@ -228,7 +247,7 @@ def test_grpo_update_raises_the_likelihood_of_rewarded_completions(tokenizer):
         torch.testing.assert_close(torch.tensor(recorded), fresh, atol=1e-4, rtol=0)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lt["lr"])
     adv = torch.tensor([1.0, -1.0, 1.0, -1.0])
-    stats = L.grpo_update(model, optimizer, [prompt] * 4, completions, adv, lt, tokenizer.pad_token_id, 0.7)
+    stats = L.grpo_update(model, optimizer, [prompt] * 4, completions, adv, lt, 0.7)
     after = logps()
     gap = lambda lp: (lp[0].sum() + lp[2].sum() - lp[1].sum() - lp[3].sum()).item()
     assert stats["grad_norm"] > 0 and gap(after) > gap(before) + 0.05
@@ -267,8 +286,10 @@ def test_two_step_training_eval_play_and_cli_on_a_tiny_model(tiny_dir, tmp_path)
     L.main(["eval", "--adapter", str(out), *args])
     results = json.load(open(out / "eval.json"))
     assert set(results) == {"base", f"trained ({out})"}
-    for r in results.values():      # a random model never writes the tags: every reply is malformed, reward 0
-        assert r["malformed"] == 1.0 and r["reward"] == 0.0 and r["n"] == 3
+    for r in results.values():      # a random model never writes the tags or the stop marker: under the
+        # published rule every reply is a malformed "continue", right exactly on the continue samples
+        assert r["malformed"] == 1.0 and r["stop_acc"] == 0.0 and r["continue_acc"] == 1.0 and r["n"] == 3
+        assert r["reward"] >= r["decision_acc"] > 0      # a right decision is worth at least R_s = 1
     L.main(["play", "--adapter", str(out), *args])
     played = json.load(open(out / "play.json"))[f"trained ({out})"]
     assert played["dialogues"] == 3 and played["stop_no_stop"] == 1.0 and played["malformed_turns"] >= 3

@@ -18,8 +18,30 @@ def test_token_kl_hand_computed_and_zero_when_identical():
     teacher = torch.tensor([[0.0, math.log(3.0)]])      # p_T = [0.25, 0.75]
     student = torch.tensor([[0.0, 0.0]])                # p_S = [0.5, 0.5]
     expected = 0.25 * math.log(0.25 / 0.5) + 0.75 * math.log(0.75 / 0.5)
-    assert savpo.token_kl(student, teacher).item() == pytest.approx(expected, abs=1e-6)
-    assert savpo.token_kl(teacher, teacher).item() == pytest.approx(0.0, abs=1e-7)
+    assert savpo.token_divergence(student, teacher).item() == pytest.approx(expected, abs=1e-6)
+    assert savpo.token_divergence(teacher, teacher).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_divergence_options_against_closed_forms():
+    p_t, p_s = torch.tensor([[0.25, 0.75]]), torch.tensor([[0.5, 0.5]])
+    kl = lambda p, q: float((p * (p / q).log()).sum())
+    t, s = p_t.log(), p_s.log()
+    assert savpo.divergence(t, s, "forward").item() == pytest.approx(kl(p_t, p_s), abs=1e-6)    # 0.1308
+    assert savpo.divergence(t, s, "reverse").item() == pytest.approx(kl(p_s, p_t), abs=1e-6)    # 0.1438
+    for alpha in (0.5, 0.2, 0.9):   # TRL: (1 - a) KL(S || m) + a KL(T || m), m = a p_T + (1 - a) p_S
+        m = alpha * p_t + (1 - alpha) * p_s
+        expected = (1 - alpha) * kl(p_s, m) + alpha * kl(p_t, m)
+        assert savpo.divergence(t, s, "jsd", alpha).item() == pytest.approx(expected, abs=1e-6)
+    assert savpo.divergence(t, s, "jsd", 0.5).item() == pytest.approx(0.0338, abs=1e-4)
+    for kind in ("forward", "reverse", "jsd"):      # zero iff the distributions agree
+        assert savpo.divergence(t, t, kind).item() == pytest.approx(0.0, abs=1e-7)
+    # top-k over the student's support: the student's top-1 (p 0.6) + tail, teacher projected onto it
+    teacher = torch.tensor([[0.5, 0.3, 0.2]]).log()
+    student = torch.tensor([[0.2, 0.6, 0.2]]).log()
+    got = savpo.token_divergence(student, teacher, "reverse", vocab="topk", topk=1, support="student").item()
+    assert got == pytest.approx(0.6 * math.log(0.6 / 0.3) + 0.4 * math.log(0.4 / 0.7), abs=1e-5)
+    got = savpo.token_divergence(student, teacher, "forward", vocab="topk", topk=1, support="teacher").item()
+    assert got == pytest.approx(0.5 * math.log(0.5 / 0.2) + 0.5 * math.log(0.5 / 0.8), abs=1e-5)
 
 
 def test_topk_with_tail_bucket():
@@ -27,9 +49,9 @@ def test_topk_with_tail_bucket():
     student = torch.tensor([[math.log(0.2), math.log(0.4), math.log(0.4)]])
     # k = 1: the teacher's top token (p 0.5 vs 0.2) plus a tail bucket (0.5 vs 0.8)
     expected = 0.5 * math.log(0.5 / 0.2) + 0.5 * math.log(0.5 / 0.8)
-    assert savpo.token_kl(student, teacher, vocab="topk", topk=1).item() == pytest.approx(expected, abs=1e-5)
-    full = savpo.token_kl(student, teacher).item()
-    assert savpo.token_kl(student, teacher, vocab="topk", topk=3).item() == pytest.approx(full, abs=1e-5)
+    assert savpo.token_divergence(student, teacher, vocab="topk", topk=1).item() == pytest.approx(expected, abs=1e-5)
+    full = savpo.token_divergence(student, teacher).item()
+    assert savpo.token_divergence(student, teacher, vocab="topk", topk=3).item() == pytest.approx(full, abs=1e-5)
 
 
 def test_aopsd_is_a_turn_mean_then_weighted_over_turns():
@@ -39,7 +61,7 @@ def test_aopsd_is_a_turn_mean_then_weighted_over_turns():
     teacher = torch.randn(1, 5, V)
     mask = torch.tensor([[1, 1, 0, 1, 1]])
     turns = torch.tensor([[0, 0, 0, 1, 2]])
-    kl = savpo.token_kl(student[0], teacher[0])
+    kl = savpo.token_divergence(student[0], teacher[0])
     loss, mean_kl = savpo.aopsd_loss(student, teacher, mask, turns)
     turn_means = [(kl[0] + kl[1]) / 2, kl[3], kl[4]]
     assert loss.item() == pytest.approx(float(sum(turn_means) / 3), abs=1e-6)
@@ -47,6 +69,9 @@ def test_aopsd_is_a_turn_mean_then_weighted_over_turns():
     weights = torch.tensor([[1.0, 0.0, 3.0]])
     loss_w, _ = savpo.aopsd_loss(student, teacher, mask, turns, turn_weights=weights)
     assert loss_w.item() == pytest.approx(float((turn_means[0] + 3 * turn_means[2]) / 4), abs=1e-6)
+    # normalised by the whole step's weight (here 10), not by this batch's (4)
+    loss_step, _ = savpo.aopsd_loss(student, teacher, mask, turns, turn_weights=weights, weight_total=10.0)
+    assert loss_step.item() == pytest.approx(float((turn_means[0] + 3 * turn_means[2]) / 10), abs=1e-6)
     clipped, _ = savpo.aopsd_loss(student, teacher, mask, turns, clip=1e-3)
     assert clipped.item() == pytest.approx(1e-3, abs=1e-7)
     assert savpo.aopsd_loss(teacher, teacher, mask, turns)[0].item() == pytest.approx(0.0, abs=1e-6)
@@ -88,6 +113,18 @@ def test_stpr_worked_example():
     torch.testing.assert_close(additive[1], -s + torch.tensor([0.5, 0.0, -0.5]) / dw_std, atol=1e-4, rtol=0)
 
 
+def test_equal_non_dyadic_rewards_give_exactly_zero():
+    # 8 x 3.2: a float32 mean is one ulp off, and (r - mean) / (std + eps) was about -0.19 for everyone
+    rewards = torch.full((8,), 3.2)
+    dw = [torch.tensor([0.5, -0.5])] * 8
+    for mode in ("direction", "outcome"):
+        adv, per_turn = savpo.stpr_advantages(rewards, dw, torch.zeros(8, dtype=torch.long), mode)
+        assert torch.equal(adv, torch.zeros(8)) and all(torch.equal(p, torch.zeros(2)) for p in per_turn)
+    # a continuous reward with a real contrast still gets it
+    adv, _ = savpo.stpr_advantages(torch.tensor([3.2, 3.2, 1.2, 3.2]), dw[:4], torch.zeros(4, dtype=torch.long))
+    assert adv[2] < 0 < adv[0] and adv[0] == adv[1] == adv[3]
+
+
 def test_stpr_groups_are_normalised_separately_and_equal_rewards_give_zero():
     rewards = torch.tensor([1.0, 1.0, 1.0, 0.0])
     dw = [torch.tensor([1.0])] * 4
@@ -104,13 +141,17 @@ def test_clipped_pg_hand_computed():
     old = torch.zeros(1, 3)
     adv = torch.tensor([[1.0, -1.0, 2.0]])
     mask = torch.tensor([[1.0, 1.0, 0.0]])
-    loss, frac = savpo.clipped_pg_loss(logp, old, adv, mask, eps_low=0.2, eps_high=0.28)
-    # token 1: ratio e^0.5 = 1.65 > 1.28, A > 0 -> 1.28; token 2: ratio e^-0.7 = 0.50, A < 0 ->
-    # min(-0.50, -0.8) = -0.8; token 3 masked out
+    loss, frac, outside = savpo.clipped_pg_loss(logp, old, adv, mask, eps_low=0.2, eps_high=0.28)
+    # token 1: ratio e^0.5 = 1.65 > 1.28, A > 0 -> 1.28 (clipped: no gradient); token 2: ratio e^-0.7 =
+    # 0.50, A < 0 -> min(-0.50, -0.8) = -0.8 (clipped); token 3 masked out
     assert loss.item() == pytest.approx(-(1.28 - 0.8) / 2, abs=1e-5)
-    assert frac.item() == pytest.approx(1.0)
-    unclipped, frac0 = savpo.clipped_pg_loss(old, old, adv, mask)
-    assert unclipped.item() == pytest.approx(0.0) and frac0.item() == 0.0
+    assert frac.item() == pytest.approx(1.0) and outside.item() == pytest.approx(1.0)
+    # the same ratios with the advantages' signs flipped: outside the range, but the min keeps the
+    # unclipped term, so the gradient is not removed (TRL's region definition counts neither)
+    _, frac_flip, outside_flip = savpo.clipped_pg_loss(logp, old, -adv, mask)
+    assert frac_flip.item() == 0.0 and outside_flip.item() == pytest.approx(1.0)
+    unclipped, frac0, outside0 = savpo.clipped_pg_loss(old, old, adv, mask)
+    assert unclipped.item() == pytest.approx(0.0) and frac0.item() == 0.0 and outside0.item() == 0.0
     assert savpo.ref_kl(logp, logp, mask).item() == pytest.approx(0.0)
     assert savpo.ref_kl(logp, old, mask).item() > 0
 
@@ -178,8 +219,8 @@ def test_policy_gradient_raises_the_likelihood_of_accepted_dialogues(tiny_dir, t
         with torch.no_grad():
             for t in ts:
                 pos, tgt, _, _ = savpo.agent_targets(t)
-                h = savpo._hidden(trainer.model, [t.ids], trainer.tokenizer.pad_token_id)
-                logits = savpo._logits_at(trainer.model, h, (torch.zeros(len(pos), dtype=torch.long), torch.tensor(pos)))
+                logits = lm.selected_logits(trainer.model, [t.ids], (torch.zeros(len(pos), dtype=torch.long),
+                                                                    torch.tensor(pos)))
                 out.append(torch.log_softmax(logits / 0.7, -1).gather(-1, torch.tensor(tgt)[:, None]).mean())
         return torch.stack(out).mean().item()
 
@@ -187,7 +228,7 @@ def test_policy_gradient_raises_the_likelihood_of_accepted_dialogues(tiny_dir, t
     before = mean_logp(good) - mean_logp(bad)
     _, per_turn = trainer.advantages(trajs)
     stats = trainer.update(trajs, per_turn, 0)
-    assert stats["pg_loss"] != 0.0
+    assert stats["grad_norm"] > 0 and stats["clip_frac"] == 0.0     # one pass: ratio exactly 1, nothing clipped
     assert mean_logp(good) - mean_logp(bad) > before + 0.05
 
 
@@ -202,7 +243,7 @@ def test_resume_reproduces_a_straight_run(tiny_dir, tmp_path):
     a, b = lora_state(straight.model), lora_state(resumed.model)
     for n in a:
         torch.testing.assert_close(a[n], b[n], atol=1e-6, rtol=1e-5)
-    timing = {"rollout_tok_s", "rollout_s", "step_s", "peak_mem_gb"}
+    timing = {"rollout_tok_s", "rollout_s", "step_s", "peak_mem_gb", "teacher_s", "update_s", "eval_s"}
     la = [{k: v for k, v in json.loads(l).items() if k not in timing} for l in open(tmp_path / "a" / "metrics.jsonl")]
     lb = [{k: v for k, v in json.loads(l).items() if k not in timing} for l in open(tmp_path / "b" / "metrics.jsonl")]
     assert la == lb

@@ -10,7 +10,7 @@ from conftest import make_tiny_model
 def persona_with(concern_ids, willingness=1.0, domain="merchant_recruitment", severity=2):
     bank = P.load_bank(domain)
     by_id = {c["id"]: c for c in bank["concerns"]}
-    concerns = [P.Concern(**{**{k: by_id[i][k] for k in by_id[i] if k != "severity"}, "severity": severity})
+    concerns = [P.Concern(**{**{k: by_id[i][k] for k in P._CONCERN_FIELDS if k != "severity"}, "severity": severity})
                 for i in concern_ids]
     return P.Persona(persona_id="test", domain=domain, name="Maria Rossi", traits={"business_type": "pizzeria"},
                      style="terse", willingness=willingness, concerns=concerns, stratum="test")
