@@ -26,7 +26,7 @@ CHOICES = {
     "model.quantization": ["4bit", "8bit", "none"],
     "model.dtype": ["auto", "float32", "bfloat16", "float16"],
     "model.device": ["auto", "cpu", "cuda"],
-    "simulator.appraiser": ["lexical", "llm", "generative"],
+    "simulator.appraiser": ["semantic", "lexical", "llm", "generative"],
     "simulator.utterance": ["llm", "template"],
     "aopsd.teacher": ["live", "fixed", "ema"],
     "aopsd.placement": ["system", "turn"],

@@ -28,6 +28,7 @@ import itertools
 import json
 import os
 import random
+import re
 
 import yaml
 
@@ -120,6 +121,14 @@ def validate_bank(bank, path):
         ids.add(c["id"])
     _need(max(strata["n_concerns"]) <= len(bank["concerns"]), path, "strata.n_concerns",
           "asks for more concerns than the library holds")
+    # one fact, one concern: the simulator counts the concerns a turn answers (a recital of facts
+    # resolves nothing), so a concern's resolution must not hold another concern's resolve cue
+    for i, c in enumerate(bank["concerns"]):
+        for other in bank["concerns"]:
+            shared = [cue for cue in other["resolve_cues"] if other is not c and
+                      re.search(r"(?<![a-z0-9])" + re.escape(cue.lower()) + r"(?![a-z0-9])", c["resolution"].lower())]
+            _need(not shared, path, f"concerns[{i}].resolution",
+                  f"holds {shared[0]!r}, a resolve cue of '{other['id']}' (each fact must answer one concern)" if shared else "")
     return bank
 
 

@@ -1,53 +1,59 @@
 """Cognitive User Simulator (CUS): a simulated callee with hidden concerns and an explicit state.
 
     python simulator.py --domain courier_recruitment --seed 0     # one dialogue, state after each turn
+    python simulator.py --validity                                # the scripted-agent validity matrix
 
 Every dialogue has a `UserState`: each concern's status (hidden -> revealed -> resolved),
 willingness on a 0-4 scale, remaining patience, and the decision (continue / accept / reject /
-hangup / timeout). Each agent turn is first *appraised* -- which concerns it probed, which it
-addressed, whether it pushed for a decision, whether it was off-topic or over-long -- and the
-state is updated by the transition rule below. Only then is the user's line generated, by the
-simulator model, from the persona and the *new* state, so words and state never disagree.
+hangup / timeout). Each agent turn is first *appraised* (appraisal.py: which concerns it asked
+about, which it answered with a concrete fact, an open invitation to voice worries, a push for the
+decision, off-topic, over-long) and the state is updated by the transition rule below. Only then is
+the user's line generated, from the persona and the *new* state, so words and state never disagree.
 
-Transition rule (`transition`; every number is a `simulator.rules.*` config key):
-  1. Probing a hidden concern counts a probe. It is revealed at the first probe if its disclosure
-     rule is `probe` or `push`, at the second if `guarded`. A `push` concern is also revealed,
-     blurted out as an objection, when the agent pushes for a decision. Each reveal: +reveal_gain.
-  2. Addressing a revealed concern (this turn's reveals included) resolves it:
-     +resolve_gain x severity (severity 1-3).
-  3. Pushing for a decision while any concern is unresolved: -push_penalty.
-  4. An off-topic turn (no domain word, no probe, no answer, no push): -offtopic_penalty.
-  5. Willingness is clipped to [0, 4]. Patience drops by 1 on a turn that neither revealed nor
+Transition rule (`transition`; every number is a `simulator.rules.*` config key). It encodes the
+paper's idea of proactivity: find out what the callee worries about, answer *that*, then ask.
+  0. A turn that asks about more than `max_topics` concerns is a *checklist*: it counts as one open
+     probe and probes no concern specifically. A turn that answers more than `max_topics` concerns
+     is a *pitch*: it resolves nothing (a callee does not feel heard by a recital of facts).
+  1. Asking about a hidden concern counts a probe. It is revealed (voiced by the callee) at the first
+     probe if its disclosure rule is `probe` or `push`, at the second if `guarded`. A `push` concern
+     is also blurted out as an objection when the agent pushes. An *open probe* ("is anything
+     holding you back?", or a checklist) draws out one hidden `probe` concern, the most severe;
+     `guarded` concerns are only told to a specific question, twice. Each reveal: +reveal_gain.
+  2. Answering a concern with a concrete fact resolves it only if the callee voiced it in an
+     *earlier* turn: +resolve_gain x severity (1-3). Facts for concerns never voiced resolve nothing.
+  3. Pushing for a decision while any concern is unresolved: -push_penalty. Off-topic: -offtopic_penalty.
+  4. Willingness is clipped to [0, 4]. Patience drops by 1 on a turn that neither revealed nor
      resolved anything, and by 1 more on an over-long turn (> max_agent_words).
-  6. Decision: `accept` iff the agent pushed, every concern is resolved and willingness >=
+  5. Decision: `accept` iff the agent pushed, every concern is resolved and willingness >=
      accept_threshold; else `reject` if willingness <= reject_threshold; else `hangup` if
      patience <= 0; else `timeout` once max_turns agent turns are spent; else `continue`.
   Accept is the only success.
-
-Appraisers (`simulator.appraiser`):
-  lexical    -- cue matching against the domain bank: deterministic and instant (tests, CPU runs);
-  llm        -- yes/no questions to the simulator model, decided by the log-odds of "Yes" vs "No"
-                minus the same log-odds on a content-free message (contextual calibration), so a
-                small model's bias towards one answer cancels out; no free text is parsed;
-  generative -- the simulator model writes the appraisal in tags, parsed strictly; a parse failure
-                falls back to `lexical` and is counted (`stats["parse_failures"]`).
+So no cheap policy wins: a keyword stuffer or a fact dumper asks nothing and pitches; a checklist of
+every topic is one open question; a pusher meets every concern as an objection and loses
+willingness; a policy that knows the concerns (the privileged teacher) asks about each, answers
+each once voiced, then asks. `python simulator.py --validity` plays scripted agents of each kind
+against every domain (the table is in the README, the thresholds are tests).
 
 User lines (`simulator.utterance`): `llm` generates them with the simulator model (the same base
 with the LoRA adapter disabled, sharing no cache with the policy), guided by an instruction derived
 from the new state; an empty line, a line that speaks as the agent (role inversion, including
-echoing five or more of the agent's words in a row) or one that
-contradicts the state (e.g. a reveal that names nothing of the concern) is replaced by a line built
-from the bank, and counted. `template` builds every line from the bank (fast, deterministic).
+echoing five or more of the agent's words in a row) or one that contradicts the state (e.g. a reveal
+that names nothing of the concern) is replaced by a line built from the bank, and counted.
+`template` builds every line from the bank (fast, deterministic).
 """
 
 import argparse
 import copy
+import os
 import dataclasses
 import random
 import re
 
 import torch
+import yaml
 
+import appraisal as A
 import lm
 import personas as P
 import rollout
@@ -85,28 +91,43 @@ def initial_state(persona, rules):
 # --------------------------------------------------------------------------- transition rule
 
 def transition(state, persona, appraisal, rules, max_turns):
-    """The documented rule (module docstring). Pure: returns a new state. `appraisal` is
-    {"probed": set of concern ids, "addressed": set, "push": bool, "off_topic": bool,
-     "too_long": bool, "probed_other": bool}."""
+    """The documented rule (module docstring). Pure: returns a new state. `appraisal` is appraisal.py's
+    dict: {"probed": ids, "addressed": ids (any concern of the bank), "open_probe", "push",
+    "off_topic", "too_long"}."""
     s = copy.deepcopy(state)
     s.turn += 1
     w0 = s.willingness
+    mine = {c.id for c in persona.concerns}
+    checklist = len(appraisal["probed"]) > rules["max_topics"]
+    pitch = len(appraisal["addressed"]) > rules["max_topics"]
+    probed = set() if checklist else appraisal["probed"] & mine
+    open_probe = appraisal["open_probe"] or checklist
+    voiced_before = {cid for cid, status in s.concern_status.items() if status == "revealed"}
     revealed, resolved = [], []
+
+    def reveal(c):
+        s.concern_status[c.id] = "revealed"
+        s.willingness += rules["reveal_gain"]
+        revealed.append(c.id)
+
     for c in persona.concerns:
         if s.concern_status[c.id] != "hidden":
             continue
-        if c.id in appraisal["probed"]:
+        if c.id in probed:
             s.probes[c.id] += 1
         needed = 2 if c.disclosure == "guarded" else 1
         if s.probes[c.id] >= needed or (c.disclosure == "push" and appraisal["push"]):
-            s.concern_status[c.id] = "revealed"
-            s.willingness += rules["reveal_gain"]
-            revealed.append(c.id)
-    for c in persona.concerns:
-        if s.concern_status[c.id] == "revealed" and c.id in appraisal["addressed"]:
-            s.concern_status[c.id] = "resolved"
-            s.willingness += rules["resolve_gain"] * c.severity
-            resolved.append(c.id)
+            reveal(c)
+    if open_probe:
+        drawn = [c for c in persona.concerns if s.concern_status[c.id] == "hidden" and c.disclosure == "probe"]
+        if drawn:
+            reveal(max(drawn, key=lambda c: c.severity))        # the first of the most severe
+    if not pitch:
+        for c in persona.concerns:
+            if c.id in voiced_before and c.id in appraisal["addressed"]:
+                s.concern_status[c.id] = "resolved"
+                s.willingness += rules["resolve_gain"] * c.severity
+                resolved.append(c.id)
     all_resolved = all(v == "resolved" for v in s.concern_status.values())
     if appraisal["push"] and not all_resolved:
         s.willingness -= rules["push_penalty"]
@@ -123,145 +144,12 @@ def transition(state, persona, appraisal, rules, max_turns):
     elif s.turn >= max_turns:
         s.decision = "timeout"
     s.delta_willingness = round(s.willingness - w0, 4)
-    s.events = {"probed": sorted(appraisal["probed"]), "addressed": sorted(appraisal["addressed"]),
-                "push": appraisal["push"], "off_topic": appraisal["off_topic"],
-                "too_long": appraisal["too_long"], "probed_other": appraisal["probed_other"],
+    s.events = {"probed": sorted(probed), "addressed": sorted(appraisal["addressed"] & mine),
+                "open_probe": open_probe, "push": appraisal["push"], "off_topic": appraisal["off_topic"],
+                "too_long": appraisal["too_long"], "checklist": checklist, "pitch": pitch,
+                "probed_other": bool(appraisal["probed"] - mine) and not checklist,
                 "revealed": revealed, "resolved": resolved}
     return s
-
-
-# --------------------------------------------------------------------------- appraisers
-
-def _has_any(text, cues):
-    return any(cue in text for cue in cues)
-
-
-def lexical_appraise(agent_text, persona, rules):
-    """Cue matching (lowercase substrings) against the persona's concerns and the domain bank."""
-    bank = P.load_bank(persona.domain)
-    text = agent_text.lower()
-    mine = {c.id for c in persona.concerns}
-    probed = {c.id for c in persona.concerns if _has_any(text, c.probe_cues)}
-    addressed = {c.id for c in persona.concerns if _has_any(text, c.resolve_cues)}
-    probed_other = any(_has_any(text, c["probe_cues"]) for c in bank["concerns"] if c["id"] not in mine)
-    push = _has_any(text, bank["push_cues"])
-    on_topic = _has_any(text, bank["topic_cues"]) or probed or addressed or push or probed_other
-    return {"probed": probed, "addressed": addressed, "push": push, "off_topic": not on_topic,
-            "too_long": len(agent_text.split()) > rules["max_agent_words"], "probed_other": probed_other}
-
-
-# A few worked examples before the question: a 135M model answers yes/no near chance zero-shot, but
-# follows the pattern of a handful of shots (measured: README, "llm appraiser").
-YES_NO_SHOTS = [
-    ("Do you have any worries about the delivery fees?", "talk about the fees", "Yes"),
-    ("The weather is lovely today, isn't it?", "talk about the fees", "No"),
-    ("Is your kitchen busy at lunchtime?", "talk about the kitchen", "Yes"),
-    ("We have a new phone model in blue.", "talk about the contract", "No"),
-]
-
-
-def yes_no_prompt(agent_text, question):
-    """Plain-text few-shot prompt ending in 'Answer:'; the next token is scored Yes vs No."""
-    shots = "".join(f'Salesperson: "{t}"\nQuestion: Does the salesperson {q}?\nAnswer: {a}\n\n'
-                    for t, q, a in YES_NO_SHOTS)
-    return shots + f'Salesperson: "{agent_text}"\nQuestion: Does the salesperson {question}?\nAnswer:'
-
-
-def yes_no_logodds(model, tokenizer, prompts, batch_size=16):
-    """log P(Yes) - log P(No) for the next token of each prompt, with the adapter disabled (the
-    simulator role). ' Yes' and 'Yes' (with and without a space) are pooled, likewise No."""
-    yes = [lm.encode(tokenizer, " Yes")[0], lm.encode(tokenizer, "Yes")[0]]
-    no = [lm.encode(tokenizer, " No")[0], lm.encode(tokenizer, "No")[0]]
-    logp = lm.next_token_logprobs(model, tokenizer, prompts, batch_size)                     # (N, V)
-    return (torch.logsumexp(logp[:, yes], -1) - torch.logsumexp(logp[:, no], -1)).tolist()
-
-
-def llm_questions(persona):
-    """(key, question) pairs asked about every agent turn of this persona's dialogue."""
-    bank = P.load_bank(persona.domain)
-    qs = [("push", "talk about signing up now"),
-          ("on_topic", f"talk about {bank['title'].lower()}")]
-    for c in persona.concerns:
-        qs.append((f"probed:{c.id}", f"talk about {c.probe_cues[0]}"))
-        qs.append((f"addressed:{c.id}", f"talk about {c.resolve_cues[0]}"))
-    return qs
-
-
-class LLMAppraiser:
-    """Yes/no questions scored by calibrated log-odds; one batched forward for all dialogues."""
-
-    CONTENT_FREE = "N/A"
-
-    def __init__(self, model, tokenizer, rules):
-        self.model, self.tokenizer, self.rules = model, tokenizer, rules
-        self.baseline = {}  # question -> log-odds on the content-free message
-
-    def _calibrated(self, pairs):
-        """pairs: [(agent_text, question)] -> calibrated log-odds per pair."""
-        fresh = sorted({q for _, q in pairs if q not in self.baseline})
-        if fresh:
-            base = yes_no_logodds(self.model, self.tokenizer, [yes_no_prompt(self.CONTENT_FREE, q) for q in fresh])
-            self.baseline.update(zip(fresh, base))
-        raw = yes_no_logodds(self.model, self.tokenizer, [yes_no_prompt(t, q) for t, q in pairs])
-        return [r - self.baseline[q] for r, (_, q) in zip(raw, pairs)]
-
-    def __call__(self, agent_texts, persona_list):
-        pairs, owners = [], []
-        for i, (text, persona) in enumerate(zip(agent_texts, persona_list)):
-            for key, q in llm_questions(persona):
-                pairs.append((text, q))
-                owners.append((i, key))
-        scores = self._calibrated(pairs)
-        margin = self.rules["llm_margin"]
-        results = [{"probed": set(), "addressed": set(), "push": False, "on_topic": False}
-                   for _ in agent_texts]
-        for (i, key), score in zip(owners, scores):
-            yes = score > margin
-            kind, _, cid = key.partition(":")
-            if cid:
-                if yes:
-                    results[i][kind].add(cid)
-            else:
-                results[i][kind] = yes
-        out = []
-        for r, text, persona in zip(results, agent_texts, persona_list):
-            lexical = lexical_appraise(text, persona, self.rules)
-            on_topic = r.pop("on_topic") or bool(r["probed"] or r["addressed"] or r["push"])
-            out.append({**r, "off_topic": not on_topic, "too_long": lexical["too_long"],
-                        "probed_other": lexical["probed_other"]})
-        return out
-
-
-GENERATIVE_FORMAT = re.compile(
-    r"^\s*<probed>([a-z0-9_, ]*)</probed>\s*<addressed>([a-z0-9_, ]*)</addressed>\s*"
-    r"<push>(yes|no)</push>\s*<off_topic>(yes|no)</off_topic>\s*$")
-
-
-def parse_generative(text, persona):
-    """Strict parse of '<probed>a,b</probed><addressed>a</addressed><push>no</push><off_topic>no</off_topic>'.
-    Returns the appraisal dict or None if anything is off (unknown ids included)."""
-    m = GENERATIVE_FORMAT.match(text.strip().lower())
-    if not m:
-        return None
-    ids = {c.id for c in persona.concerns}
-    sets = []
-    for group in m.group(1), m.group(2):
-        items = {x.strip() for x in group.split(",") if x.strip() and x.strip() != "none"}
-        if not items <= ids:
-            return None
-        sets.append(items)
-    return {"probed": sets[0], "addressed": sets[1], "push": m.group(3) == "yes",
-            "off_topic": m.group(4) == "yes"}
-
-
-def _generative_prompt(tokenizer, agent_text, persona):
-    concerns = "; ".join(f"{c.id}: {c.statement}" for c in persona.concerns)
-    system = ("You annotate sales calls. Reply with exactly: <probed>ids</probed><addressed>ids</addressed>"
-              "<push>yes|no</push><off_topic>yes|no</off_topic> where ids are comma-separated concern ids "
-              "or none.")
-    user = f"Customer concerns: {concerns}\nSalesperson said: \"{agent_text}\""
-    return (lm.flat_message_ids(tokenizer, "system", system) + lm.flat_message_ids(tokenizer, "user", user)
-            + lm.encode(tokenizer, lm.generation_header(tokenizer)))
 
 
 def echoes(line, agent_text, n=5):
@@ -286,10 +174,12 @@ class CognitiveUserSimulator:
     def __init__(self, sim_cfg, model=None, tokenizer=None, seed=0, decoder=KVBatch):
         self.cfg, self.rules = sim_cfg, sim_cfg["rules"]
         self.model, self.tokenizer = model, tokenizer
-        needs_model = sim_cfg["appraiser"] != "lexical" or sim_cfg["utterance"] == "llm"
+        kind = sim_cfg["appraiser"]
+        needs_model = kind in ("llm", "generative") or sim_cfg["utterance"] == "llm"
         if needs_model and model is None:
-            raise ValueError("this simulator configuration needs a model (appraiser or utterance is 'llm').")
-        self.llm_appraiser = LLMAppraiser(model, tokenizer, self.rules) if sim_cfg["appraiser"] == "llm" else None
+            raise ValueError("this simulator configuration needs a model (the llm/generative appraiser or llm lines).")
+        self.appraiser = {"semantic": lambda: A.SemanticAppraiser(self.rules),
+                          "llm": lambda: A.LLMAppraiser(model, tokenizer, self.rules)}.get(kind, lambda: None)()
         self.seed, self.decoder = seed, decoder
         self.stats = {"turns": 0, "parse_failures": 0, "role_inversions": 0, "empty_turns": 0,
                       "inconsistent_lines": 0, "truncated_lines": 0}
@@ -323,8 +213,8 @@ class CognitiveUserSimulator:
             if not ev["revealed"] and not ev["resolved"]:
                 if ev["push"]:
                     parts.append("Say you are not ready to decide yet.")
-                elif ev["probed_other"]:
-                    parts.append("Say that this is not a problem for you.")
+                elif ev["probed_other"] or ev["open_probe"]:
+                    parts.append("Say that nothing like that is a problem for you.")
                 else:
                     parts.append("Answer briefly. Do not mention any worry you were not asked about.")
         return " ".join(parts)
@@ -341,7 +231,7 @@ class CognitiveUserSimulator:
         parts = [rng.choice(t["resolved"])] if ev["resolved"] else []
         parts += [by_id[c].statement for c in ev["revealed"] if c not in ev["resolved"]]
         if not parts:
-            kind = "probe_no_concern" if ev["probed_other"] and not ev["push"] else "neutral"
+            kind = "probe_no_concern" if (ev["probed_other"] or ev["open_probe"]) and not ev["push"] else "neutral"
             parts = [rng.choice(t[kind])]
         return " ".join(parts)
 
@@ -357,7 +247,7 @@ class CognitiveUserSimulator:
             return bool(re.search(r"\b(bye|goodbye|go|time|busy|later)\b", low))
         for cid in state.events["revealed"]:
             words = set(re.findall(r"[a-z]{5,}", by_id[cid].statement.lower()))
-            if not (_has_any(low, by_id[cid].probe_cues) or words & set(re.findall(r"[a-z]{5,}", low))):
+            if not (A._has(low, by_id[cid].probe_cues) or words & set(re.findall(r"[a-z]{5,}", low))):
                 return False
         return True
 
@@ -387,28 +277,34 @@ class CognitiveUserSimulator:
         """Appraisals for the dialogues `idx` (batched for the model-based appraisers)."""
         ps = [self.personas[i] for i in idx]
         texts = [agent_msgs[i] for i in idx]
+        domains = [p.domain for p in ps]
         kind = self.cfg["appraiser"]
         if kind == "lexical":
-            return [lexical_appraise(t, p, self.rules) for t, p in zip(texts, ps)]
+            return [A.lexical_appraise(t, d, self.rules) for t, d in zip(texts, domains)]
+        if kind == "semantic":
+            return self.appraiser(texts, domains)
         if kind == "llm":
-            return self.llm_appraiser(texts, ps)
+            return self.appraiser(texts, domains, [[c.id for c in p.concerns] for p in ps])
         return self._generative_appraise(texts, ps)
 
     def _generative_appraise(self, texts, ps):
         tok = self.tokenizer
         batch = KVBatch(self.model, tok.pad_token_id, adapter=False)
         for i, (t, p) in enumerate(zip(texts, ps)):
-            batch.add(i, _generative_prompt(tok, t, p))
-        outs = batch.generate(self.cfg["generative_max_tokens"], {tok.eos_token_id})
+            batch.add(i, A.generative_prompt(tok, t, p))
+        outs = batch.generate(self.cfg["generative_max_tokens"], lm.stop_ids(tok, self.model))
         results = []
         for i, (t, p) in enumerate(zip(texts, ps)):
-            lexical = lexical_appraise(t, p, self.rules)
-            parsed = parse_generative(tok.decode(outs[i][0], skip_special_tokens=True), p)
+            lexical = A.lexical_appraise(t, p.domain, self.rules)
+            mine = {c.id for c in p.concerns}
+            parsed = A.parse_generative(tok.decode(outs[i][0], skip_special_tokens=True), mine)
             if parsed is None:
                 self.stats["parse_failures"] += 1
                 results.append(lexical)
-            else:
-                results.append({**parsed, "too_long": lexical["too_long"], "probed_other": lexical["probed_other"]})
+            else:   # the checklist count needs every concern of the bank: the lexical appraiser's others
+                results.append({**parsed, "probed": parsed["probed"] | (lexical["probed"] - mine),
+                                "addressed": parsed["addressed"] | (lexical["addressed"] - mine),
+                                "too_long": lexical["too_long"]})
         return results
 
     def abort(self, i, reason):
@@ -476,16 +372,200 @@ class CognitiveUserSimulator:
             user_msgs[i] = line
 
 
+# --------------------------------------------------------------------------- validity: scripted agents
+
+def _expert_questions():
+    path = os.path.join(P.DOMAIN_DIR, "..", "logs", "expert_questions.yaml")
+    return yaml.safe_load(open(path))
+
+
+def _answers(bank, ids):
+    by_id = {c["id"]: c for c in bank["concerns"]}
+    return [by_id[i]["resolution"] for i in ids]
+
+
+def _push(bank):
+    return "Shall I get you started today?" if "restaurant" not in bank["user_role"] else \
+        "Shall I get your restaurant listed today?"
+
+
+def privileged_prober(obs):
+    """Knows the hidden concerns: asks about each (a guarded one twice), answers each once voiced,
+    then asks for the decision. At most two topics asked and two answered per turn."""
+    bank, questions = obs["bank"], obs["questions"][obs["bank"]["name"]]
+    answer = sorted(obs["voiced"])[:2]
+    hidden = [c for c in obs["persona"].concerns if obs["status"][c.id] == "hidden"][:2]
+    asks = [questions[c.id][min(obs["asked"].get(c.id, 0), 1)] for c in hidden]
+    for c in hidden:
+        obs["asked"][c.id] = obs["asked"].get(c.id, 0) + 1
+    done = not hidden and set(answer) == set(obs["voiced"])
+    return " ".join(_answers(bank, answer) + asks + ([_push(bank)] if done else []))
+
+
+def generic_prober(obs):
+    """Knows nothing of the callee: asks about the domain's four most common concerns (the bank lists
+    them first), two per turn, answers whatever the callee voices, then asks for the decision."""
+    bank, questions = obs["bank"], obs["questions"][obs["bank"]["name"]]
+    answer = sorted(obs["voiced"])[:2]
+    common = [c["id"] for c in bank["concerns"][:4] if c["id"] not in obs["asked"]][:2]
+    for cid in common:
+        obs["asked"][cid] = 1
+    asks = [questions[cid][0] for cid in common]
+    return " ".join(_answers(bank, answer) + asks + ([] if asks else [_push(bank)]))
+
+
+def open_listener(obs):
+    """Knows nothing: asks an open question, answers whatever the callee voices, asks for the decision
+    once an open question draws nothing more."""
+    bank = obs["bank"]
+    answer = sorted(obs["voiced"])[:2]
+    if obs["heard_nothing"]:
+        return " ".join(_answers(bank, answer) + [_push(bank)])
+    return " ".join(_answers(bank, answer) + ["Is there anything that is holding you back?"])
+
+
+def trial_closer(obs):
+    """Knows nothing: asks for the decision at once to surface objections, answers what the callee
+    voices, asks again (a trial close; each premature push costs willingness)."""
+    bank = obs["bank"]
+    return " ".join(_answers(bank, sorted(obs["voiced"])[:2]) + [_push(bank)])
+
+
+def blind_asker(obs):
+    """Asks about a topic, recites its fact in the same breath and pushes; never listens."""
+    bank, questions = obs["bank"], obs["questions"][obs["bank"]["name"]]
+    c = bank["concerns"][(obs["turn"] - 1) % len(bank["concerns"])]
+    return f"{questions[c['id']][0]} {c['resolution']} {_push(bank)}"
+
+
+def keyword_stuffer(obs):
+    """Pastes a probe cue and a resolve cue of four concerns into one sentence and pushes, every turn."""
+    bank = obs["bank"]
+    k = 4 * (obs["turn"] - 1)
+    group = [bank["concerns"][(k + j) % len(bank["concerns"])] for j in range(4)]
+    words = ", ".join(f"{c['probe_cues'][0]} {c['resolve_cues'][0]}" for c in group)
+    return f"We cover {words}, so {_push(bank).lower()}"
+
+
+def topic_lister(obs):
+    """Asks about every topic of the bank in one question, recites every fact, pushes."""
+    bank = obs["bank"]
+    topics = ", ".join(c["probe_cues"][0] for c in bank["concerns"])
+    return f"Is it the {topics} that worries you? " + " ".join(bank["agent"]["facts"]) + " " + _push(bank)
+
+
+def fact_dumper(obs):
+    """Recites the product facts and pushes, every turn."""
+    return " ".join(obs["bank"]["agent"]["facts"]) + " " + _push(obs["bank"])
+
+
+def listener_dumper(obs):
+    """Listens (asks an open question), but answers anything voiced by reciting every fact."""
+    bank = obs["bank"]
+    facts = " ".join(bank["agent"]["facts"]) if obs["voiced"] else ""
+    return f"{facts} Is there anything that is holding you back? {_push(bank)}".strip()
+
+
+def echo(obs):
+    """Repeats the callee's last words back as a question, then pushes."""
+    return f"You said: {obs['last_user'].rstrip('.!?')}? {_push(obs['bank'])}"
+
+
+def pusher(obs):
+    return "Would you like to sign up today?"
+
+
+def passive(obs):
+    return "Lovely weather today, isn't it? How has your week been?"
+
+
+SCRIPTED_AGENTS = {   # name -> (policy, knows the hidden concerns, asks questions)
+    "privileged prober": (privileged_prober, True, True),
+    "generic prober": (generic_prober, False, True),
+    "open listener": (open_listener, False, True),
+    "trial closer": (trial_closer, False, False),
+    "blind asker": (blind_asker, False, True),
+    "keyword stuffer": (keyword_stuffer, False, False),
+    "topic lister": (topic_lister, False, True),
+    "fact dumper": (fact_dumper, False, False),
+    "listener + fact dump": (listener_dumper, False, True),
+    "echo": (echo, False, False),
+    "pusher": (pusher, False, False),
+    "passive": (passive, False, False),
+}
+
+
+def play_scripted(agent, personas, sim_cfg, seed=0):
+    """Play one scripted agent against every persona (batched), -> list of final states. Every agent
+    sees the public bank and what the callee has *said* (`voiced`: concerns voiced and not yet
+    resolved); only the privileged agent also sees `persona`."""
+    sim = CognitiveUserSimulator({**sim_cfg, "utterance": "template"}, seed=seed)
+    openings = sim.reset(personas)
+    questions = _expert_questions()
+    obs = [{"persona": p, "bank": P.load_bank(p.domain), "questions": questions, "asked": {}, "turn": 0,
+            "max_turns": sim_cfg["max_turns"], "voiced": set(), "status": dict(sim.states[i].concern_status),
+            "heard_nothing": False, "last_user": line} for i, (p, line) in enumerate(zip(personas, openings))]
+    while not all(sim.done):
+        msgs = []
+        for o, done in zip(obs, sim.done):
+            o["turn"] += 1
+            msgs.append(None if done else agent(o))
+        users, states, _ = sim.step(msgs)
+        for o, user, state in zip(obs, users, states):
+            if user is not None:
+                o["status"] = dict(state.concern_status)
+                o["voiced"] = {cid for cid, st in state.concern_status.items() if st == "revealed"}
+                o["heard_nothing"] = state.events["open_probe"] and not state.events["revealed"]
+                o["last_user"] = user
+    return sim.states
+
+
+def validity_matrix(sim_cfg, n_per_domain=90, seed=0, domains=None):
+    """{agent: {domain: success rate, ..., "all": success rate}} over n_per_domain stratified personas
+    per domain (seed `seed`)."""
+    domains = domains or P.list_domains()
+    people = {d: P.sample(d, n_per_domain, seed) for d in domains}
+    table = {}
+    for name, (agent, _, _) in SCRIPTED_AGENTS.items():
+        row, wins = {}, 0
+        for d in domains:
+            states = play_scripted(agent, people[d], sim_cfg, seed)
+            row[d] = round(sum(s.decision == "accept" for s in states) / len(states), 3)
+            wins += sum(s.decision == "accept" for s in states)
+        row["all"] = round(wins / (n_per_domain * len(domains)), 3)
+        table[name] = row
+    return table
+
+
+def print_validity(table):
+    domains = [d for d in next(iter(table.values())) if d != "all"]
+    print("| scripted agent | knows concerns | asks | " + " | ".join(domains) + " | all |")
+    print("|---|---|---|" + "---|" * (len(domains) + 1))
+    for name, row in table.items():
+        _, knows, asks = SCRIPTED_AGENTS[name]
+        print(f"| {name} | {'yes' if knows else 'no'} | {'yes' if asks else 'no'} | "
+              + " | ".join(f"{row[d]:.2f}" for d in domains) + f" | **{row['all']:.2f}** |")
+
+
 # --------------------------------------------------------------------------- demo
 
 def main():
     import time
     import config
-    parser = argparse.ArgumentParser(description="Play one dialogue: the embedded model as agent vs the simulator.")
+    parser = argparse.ArgumentParser(description="Play one dialogue (the embedded model as agent vs the simulator), "
+                                                 "or print the scripted-agent validity matrix.")
     parser.add_argument("--domain", default="courier_recruitment", choices=P.list_domains())
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--validity", action="store_true", help="the scripted-agent validity matrix instead")
+    parser.add_argument("--personas", type=int, default=90, help="--validity: personas per domain")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. simulator.appraiser=llm")
     args = parser.parse_args()
+    if args.validity:
+        cfg = config.load(None, args.overrides)
+        print(f"success rate of scripted agents, {args.personas} personas per domain (seed {args.seed}), "
+              f"appraiser {cfg['simulator']['appraiser']}, max_turns {cfg['simulator']['max_turns']}")
+        print_validity(validity_matrix(cfg["simulator"], args.personas, args.seed))
+        return
     # the demo shows the simulator model speaking; training on the CPU defaults to bank lines
     cfg = config.load(None, ["simulator.utterance=llm", *args.overrides])
     torch.manual_seed(args.seed)

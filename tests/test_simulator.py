@@ -1,8 +1,10 @@
 import copy
+import os
 
 import pytest
 
 import personas as P
+import appraisal as A
 import simulator as S
 from conftest import make_tiny_model
 
@@ -16,9 +18,9 @@ def persona_with(concern_ids, willingness=1.0, domain="merchant_recruitment", se
                      style="terse", willingness=willingness, concerns=concerns, stratum="test")
 
 
-def appraisal(probed=(), addressed=(), push=False, off_topic=False, too_long=False):
+def appraisal(probed=(), addressed=(), push=False, off_topic=False, too_long=False, open_probe=False):
     return {"probed": set(probed), "addressed": set(addressed), "push": push, "off_topic": off_topic,
-            "too_long": too_long, "probed_other": False}
+            "too_long": too_long, "open_probe": open_probe}
 
 
 @pytest.fixture
@@ -30,7 +32,7 @@ def step(state, persona, rules, **kw):
     return S.transition(state, persona, appraisal(**kw), rules, max_turns=10)
 
 
-def test_concern_hidden_until_probed_then_revealed(rules):
+def test_concern_hidden_until_asked_then_revealed(rules):
     p = persona_with(["commission_fees"])                       # disclosure: probe
     s0 = S.initial_state(p, rules)
     s1 = step(s0, p, rules)                                    # small talk
@@ -39,18 +41,40 @@ def test_concern_hidden_until_probed_then_revealed(rules):
     assert s2.concern_status["commission_fees"] == "revealed"
     assert s2.willingness == pytest.approx(s1.willingness + rules["reveal_gain"])
     assert s2.events["revealed"] == ["commission_fees"]
-    # the lexical appraiser sees the probe in real words
-    a = S.lexical_appraise("Can I ask how much commission you could afford?", p, rules)
-    assert a["probed"] == {"commission_fees"} and not a["push"]
 
 
-def test_guarded_concern_needs_two_probes(rules):
+@pytest.mark.parametrize("kind", ["lexical", "semantic"])
+def test_asking_is_a_probe_telling_is_not(rules, kind):
+    texts = ["Can I ask how much commission you could afford?",          # a question: probe
+             "Tell me how you feel about the commission we'd take.",      # an invitation: probe
+             "Our commission is the lowest in town.",                     # a statement with the topic word
+             "I won't bother you with questions about commission today.",  # a negated question
+             "Commission is 15% for the first six months, with no setup fee."]   # an answer, not a probe
+    got = A.appraise_items(kind, [{"text": t, "domain": "merchant_recruitment"} for t in texts], rules)
+    assert ["commission_fees" in g["probed"] for g in got] == [True, True, False, False, False]
+    assert "commission_fees" in got[4]["addressed"] and "commission_fees" not in got[2]["addressed"]
+
+
+def test_guarded_concern_needs_two_specific_probes(rules):
     p = persona_with(["hidden_deductions"])                     # disclosure: guarded
     s = S.initial_state(p, rules)
     s = step(s, p, rules, probed={"hidden_deductions"})
     assert s.concern_status["hidden_deductions"] == "hidden"
+    s = step(s, p, rules, open_probe=True)                      # an open question does not open a guarded one
+    assert s.concern_status["hidden_deductions"] == "hidden"
     s = step(s, p, rules, probed={"hidden_deductions"})
     assert s.concern_status["hidden_deductions"] == "revealed"
+
+
+def test_open_probe_draws_out_the_most_severe_probe_concern_one_per_turn(rules):
+    p = persona_with(["contract_lockin", "commission_fees", "scam_suspicion"])   # probe, probe, push
+    p.concerns[1].severity = 3
+    s = step(S.initial_state(p, rules), p, rules, open_probe=True)
+    assert s.events["revealed"] == ["commission_fees"]           # the more severe probe concern first
+    s = step(s, p, rules, open_probe=True)
+    assert s.events["revealed"] == ["contract_lockin"]
+    s = step(s, p, rules, open_probe=True)                      # only the push concern is left: nothing
+    assert s.events["revealed"] == [] and s.concern_status["scam_suspicion"] == "hidden"
 
 
 def test_push_concern_blurted_out_when_pushed(rules):
@@ -59,15 +83,30 @@ def test_push_concern_blurted_out_when_pushed(rules):
     assert s.concern_status["scam_suspicion"] == "revealed"
 
 
-def test_resolving_raises_willingness_by_severity(rules):
+def test_an_answer_resolves_only_a_concern_voiced_in_an_earlier_turn(rules):
     p = persona_with(["commission_fees"], severity=3)
-    s = step(S.initial_state(p, rules), p, rules, probed={"commission_fees"})
+    # asked and answered in the same breath: revealed now, but the answer came before the callee spoke
+    s = step(S.initial_state(p, rules), p, rules, probed={"commission_fees"}, addressed={"commission_fees"})
+    assert s.concern_status["commission_fees"] == "revealed"
     s2 = step(s, p, rules, addressed={"commission_fees"})
     assert s2.concern_status["commission_fees"] == "resolved"
     assert s2.delta_willingness == pytest.approx(rules["resolve_gain"] * 3)
-    # answering a concern that was never revealed does nothing
+    # answering a concern that was never voiced does nothing
     s3 = step(S.initial_state(p, rules), p, rules, addressed={"commission_fees"})
     assert s3.concern_status["commission_fees"] == "hidden" and s3.delta_willingness == 0
+
+
+def test_checklists_and_pitches_count_for_no_specific_concern(rules):
+    p = persona_with(["hidden_deductions", "commission_fees"])   # guarded, probe
+    listed = {"hidden_deductions", "contract_lockin", "packaging_cost"}          # 3 > max_topics
+    s = step(S.initial_state(p, rules), p, rules, probed=listed)
+    assert s.events["checklist"] and s.probes["hidden_deductions"] == 0
+    assert s.events["revealed"] == ["commission_fees"]          # ... it is one open question
+    pitched = {"commission_fees", "contract_lockin", "packaging_cost"}
+    s2 = step(s, p, rules, addressed=pitched)
+    assert s2.events["pitch"] and s2.concern_status["commission_fees"] == "revealed"   # nothing resolved
+    s3 = step(s, p, rules, addressed={"commission_fees", "contract_lockin"})         # 2 topics: fine
+    assert s3.concern_status["commission_fees"] == "resolved"
 
 
 def test_pushing_with_open_concerns_lowers_willingness(rules):
@@ -93,10 +132,10 @@ def test_patience_running_out_ends_in_hangup(rules):
 def test_accept_only_under_the_documented_condition(rules):
     p = persona_with(["commission_fees", "contract_lockin"], willingness=2.0, severity=1)
     s = S.initial_state(p, rules)
-    # probe and answer one concern in one turn, push: one concern still open -> no accept
-    s = step(s, p, rules, probed={"commission_fees"}, addressed={"commission_fees"}, push=True)
+    s = step(s, p, rules, probed={"commission_fees", "contract_lockin"})
+    s = step(s, p, rules, addressed={"commission_fees"}, push=True)    # one concern still open: no accept
     assert s.decision == "continue" and s.concern_status["commission_fees"] == "resolved"
-    s = step(s, p, rules, probed={"contract_lockin"}, addressed={"contract_lockin"})
+    s = step(s, p, rules, addressed={"contract_lockin"})
     assert all(v == "resolved" for v in s.concern_status.values())
     assert s.willingness >= rules["accept_threshold"]
     assert s.decision == "continue"                            # no push, no accept
@@ -118,13 +157,14 @@ def test_reject_and_timeout(rules):
 
 
 def test_generative_parser_is_strict():
-    p = persona_with(["commission_fees", "contract_lockin"])
-    good = "<probed>commission_fees</probed><addressed>none</addressed><push>no</push><off_topic>no</off_topic>"
-    assert S.parse_generative(good, p) == {"probed": {"commission_fees"}, "addressed": set(), "push": False,
-                                           "off_topic": False}
+    ids = {"commission_fees", "contract_lockin"}
+    good = ("<asked>commission_fees</asked><answered>none</answered><open_question>no</open_question>"
+            "<push>no</push><off_topic>no</off_topic>")
+    assert A.parse_generative(good, ids) == {"probed": {"commission_fees"}, "addressed": set(), "open_probe": False,
+                                             "push": False, "off_topic": False}
     for bad in ["", "yes", good.replace("commission_fees", "made_up"), good + " extra",
                 good.replace("<push>no</push>", "<push>maybe</push>")]:
-        assert S.parse_generative(bad, p) is None
+        assert A.parse_generative(bad, ids) is None
 
 
 def test_echo_and_role_inversion_detection():
@@ -138,18 +178,18 @@ def test_echo_and_role_inversion_detection():
 
 
 def test_template_simulator_runs_batched_dialogues_and_words_follow_state(cfg):
-    sim_cfg = {**cfg["simulator"], "utterance": "template", "appraiser": "lexical"}
+    sim_cfg = {**cfg["simulator"], "utterance": "template"}                  # the default (semantic) appraiser
     ps = [persona_with(["commission_fees"], willingness=2.0), persona_with(["contract_lockin"], willingness=2.0)]
     sim = S.CognitiveUserSimulator(sim_cfg, seed=0)
     openings = sim.reset(ps)
     assert len(openings) == 2 and all(openings)
-    users, states, done = sim.step(["How much commission would be fair for you?", "Nice weather today."])
+    users, states, done = sim.step(["How do you feel about the commission we take on each order?", "Nice weather today."])
     assert states[0].concern_status["commission_fees"] == "revealed"
     assert ps[0].concerns[0].statement in users[0]                 # the reveal is voiced
     assert states[1].concern_status["contract_lockin"] == "hidden"
     assert ps[1].concerns[0].statement not in users[1]             # nothing hidden is voiced
-    users, states, done = sim.step(["It's 15% for the first six months, no setup fee. Shall I sign you up?",
-                                    "Nice weather today."])
+    users, states, done = sim.step(["You'd pay fifteen percent for your first six months and nothing to set up. "
+                                    "Shall I get your restaurant listed today?", "Nice weather today."])
     assert states[0].decision == "accept" and done[0] and not done[1]
     users, states, done = sim.step(["ignored", "Nice weather today."])
     assert users[0] is None                                        # a finished dialogue stays finished
@@ -188,16 +228,58 @@ def test_llm_utterances_on_garbage_model_fall_back_and_are_counted(tokenizer, cf
     assert not sim.view.keys                                         # finished dialogues left the batch
 
 
-def test_llm_appraiser_deterministic_and_flips_on_topic_real_model(real_model, cfg):
+def test_llm_appraiser_is_calibrated_and_deterministic_real_model(real_model, cfg):
+    """The 135M model cannot tell asking from telling (F1 ~0.1, README): what is tested here is the
+    mechanism -- contextual calibration, determinism, and the bank's other concerns (for the checklist
+    count) coming from the lexical appraiser."""
     tokenizer, model = real_model
-    p = persona_with(["commission_fees", "contract_lockin"])
-    app = S.LLMAppraiser(model, tokenizer, cfg["simulator"]["rules"])
-    texts = ["Are you worried about our commission fees? Commission is 15% for the first six months.",
-             "I love watching football on weekends with my kids."]
-    q = [q for k, q in S.llm_questions(p) if k == "probed:commission_fees"][0]
-    scores = app._calibrated([(t, q) for t in texts])
-    assert scores == app._calibrated([(t, q) for t in texts])     # same input, same answer
-    assert scores[0] > cfg["simulator"]["rules"]["llm_margin"] > scores[1]
-    first = app(texts, [p, p])
-    assert "commission_fees" in first[0]["probed"] and "commission_fees" not in first[1]["probed"]
-    assert first == app(texts, [p, p])
+    app = A.LLMAppraiser(model, tokenizer, cfg["simulator"]["rules"])
+    q = dict(A.llm_questions("merchant_recruitment", ["commission_fees"]))["probed:commission_fees"]
+    texts = ["Are you worried about the commission we take from each order?", app.CONTENT_FREE]
+    scores = app.calibrated([(t, q) for t in texts])
+    assert scores == app.calibrated([(t, q) for t in texts])     # same input, same answer
+    assert abs(scores[1]) < 1e-5                                 # the content-free message is the zero point
+    text = "Is it the contract, the packaging or the reviews that worry you?"   # other concerns, by cue words
+    out = app([text], ["merchant_recruitment"], [["commission_fees"]])[0]
+    assert {"contract_lockin", "packaging_cost", "ratings_reviews"} <= out["probed"]
+    assert set(out) == {"probed", "addressed", "open_probe", "push", "off_topic", "too_long"}
+    assert out == app([text], ["merchant_recruitment"], [["commission_fees"]])[0]
+
+
+# ----------------------------------------------------------------------------- validity and robustness
+
+@pytest.fixture(scope="module")
+def validity(cfg_module):
+    return S.validity_matrix(cfg_module["simulator"], n_per_domain=90, seed=0)
+
+
+@pytest.fixture(scope="module")
+def cfg_module():
+    import config
+    return config.load()
+
+
+def test_validity_matrix_knowing_the_concerns_wins_and_no_cheap_policy_does(validity):
+    """270 stratified personas over the three domains, default rules and (semantic) appraiser."""
+    rate = {name: row["all"] for name, row in validity.items()}
+    assert rate["privileged prober"] >= 0.8
+    assert 0.1 <= rate["generic prober"] <= rate["privileged prober"] - 0.3   # knowing the concerns matters
+    for name, (_, knows, asks) in S.SCRIPTED_AGENTS.items():
+        if not knows and not asks:                 # stuffers, dumpers, echo, pushers, passive
+            assert rate[name] <= 0.15, name
+    for name in ("pusher", "passive", "keyword stuffer", "fact dumper", "topic lister", "listener + fact dump", "echo"):
+        assert rate[name] <= 0.05, name
+    for row in validity.values():                  # and in every domain, not only on average
+        assert all(0 <= v <= 1 for v in row.values())
+    assert min(validity["privileged prober"][d] for d in validity["privileged prober"]) >= 0.75
+
+
+def test_semantic_appraiser_on_held_out_natural_lines(cfg_module):
+    """data/appraisal_labels.jsonl: 157 natural salesperson lines, written apart from the exemplars."""
+    items = A.read_labels(os.path.join(os.path.dirname(P.DOMAIN_DIR), "appraisal_labels.jsonl"))
+    assert len(items) >= 90 and {it["domain"] for it in items} == set(P.list_domains())
+    rules = cfg_module["simulator"]["rules"]
+    semantic = A.scores(items, A.appraise_items("semantic", items, rules))
+    lexical = A.scores(items, A.appraise_items("lexical", items, rules))
+    assert semantic["probe"]["f1"] >= 0.8 and semantic["addresses"]["f1"] >= 0.8
+    assert semantic["probe"]["f1"] > lexical["probe"]["f1"] + 0.3       # why semantic is the default
