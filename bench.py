@@ -215,10 +215,10 @@ def table(rows):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--dialogues", type=int, default=16)
-    parser.add_argument("--turns", type=int, default=6)
-    parser.add_argument("--policy-tokens", type=int, default=32, help="max new tokens per agent turn")
-    parser.add_argument("--user-tokens", type=int, default=24, help="max new tokens per user line")
+    parser.add_argument("--dialogues", type=config.positive_int, default=16)
+    parser.add_argument("--turns", type=config.positive_int, default=6)
+    parser.add_argument("--policy-tokens", type=config.positive_int, default=32, help="max new tokens per agent turn")
+    parser.add_argument("--user-tokens", type=config.positive_int, default=24, help="max new tokens per user line")
     parser.add_argument("--model", default=lm.EMBEDDED)
     parser.add_argument("--arch", choices=sorted(ARCHS), help="random-init model of this architecture")
     parser.add_argument("--quantization", default="none", choices=["none", "4bit", "8bit"])

@@ -7,8 +7,10 @@
 Values are parsed as YAML (`train.lr=1e-5` is a float, `eval.plot=false` a bool). Every key of an
 override or a user YAML must already exist in `config.yaml`, and its value must have the same type
 (an int is accepted where a float is expected) and, for the keys in `CHOICES`, one of the allowed
-values. Anything else stops with one sentence naming the key and what is allowed: no run should
-start on a typo. The resolved config is written next to every run (`save`).
+values, and for the keys in `RANGES`, a value in range (plus a few cross-key rules, e.g. a GRPO group
+needs two rollouts). Anything else -- and a YAML syntax error, with its line and column -- stops with
+one sentence naming the key and what is allowed, before anything is written: no run should start on
+a typo. The resolved config is written next to every run (`save`).
 """
 
 import copy
@@ -42,6 +44,62 @@ CHOICES = {
     "learn_to_ask.grader": ["proxy", "llm"],
     "learn_to_ask.grader_prompt": ["best", "rubric", "rubric+cal", "fewshot", "fewshot+cal", "short", "short+cal"],
 }
+
+# Allowed ranges, next to CHOICES: every numeric knob a user can set wrong. "> 0" and ">= 1" are
+# bounds; "[0, 1]" / "(0, 1]" / "[0, 1)" / "(0, 1)" intervals. Checked after every override.
+RANGES = {
+    "lora.r": ">= 1", "lora.alpha": "> 0", "lora.dropout": "[0, 1)",
+    "personas.eval_n": ">= 1",
+    "simulator.max_turns": ">= 1", "simulator.max_new_tokens": ">= 1", "simulator.temperature": ">= 0",
+    "simulator.top_p": "(0, 1]", "simulator.generative_max_tokens": ">= 1",
+    "simulator.rules.patience": ">= 1", "simulator.rules.reveal_gain": ">= 0", "simulator.rules.resolve_gain": ">= 0",
+    "simulator.rules.push_penalty": ">= 0", "simulator.rules.offtopic_penalty": ">= 0",
+    "simulator.rules.accept_threshold": "[0, 4]", "simulator.rules.reject_threshold": "[-4, 4]",
+    "simulator.rules.max_agent_words": ">= 1", "simulator.rules.max_topics": ">= 1",
+    "rollout.max_new_tokens": ">= 1", "rollout.temperature": ">= 0", "rollout.top_p": "(0, 1]",
+    "rollout.max_context": ">= 2",
+    "train.steps": ">= 1", "train.personas_per_step": ">= 1", "train.group_size": ">= 1", "train.epochs": ">= 1",
+    "train.micro_batch": ">= 1", "train.lr": "> 0", "train.warmup_steps": ">= 0", "train.weight_decay": ">= 0",
+    "train.grad_clip": "> 0", "train.eval_every": ">= 0", "train.save_every": ">= 0", "train.samples_every": ">= 0",
+    "stpr.coef": ">= 0", "stpr.beta": ">= 0", "stpr.eps_low": "[0, 1)", "stpr.eps_high": ">= 0", "stpr.ref_kl": ">= 0",
+    "aopsd.coef": ">= 0", "aopsd.ema_decay": "[0, 1]", "aopsd.alpha": "(0, 1)", "aopsd.topk": ">= 1",
+    "aopsd.chunk": ">= 1", "aopsd.clip": ">= 0",
+    "learn_to_ask.extractor_max_tokens": ">= 1", "learn_to_ask.test_fraction": "[0, 1)",
+    "learn_to_ask.max_sessions": ">= 0", "learn_to_ask.log_sessions": ">= 1", "learn_to_ask.beta": ">= 0",
+    "learn_to_ask.max_new_tokens": ">= 1", "learn_to_ask.temperature": ">= 0", "learn_to_ask.steps": ">= 1",
+    "learn_to_ask.samples_per_step": ">= 1", "learn_to_ask.group_size": ">= 2", "learn_to_ask.epochs": ">= 1",
+    "learn_to_ask.micro_batch": ">= 1", "learn_to_ask.lr": "> 0", "learn_to_ask.eps_low": "[0, 1)",
+    "learn_to_ask.eps_high": ">= 0", "learn_to_ask.grad_clip": "> 0", "learn_to_ask.save_every": ">= 0",
+    "learn_to_ask.n_eval_samples": ">= 1", "learn_to_ask.eval_rollouts": ">= 1", "learn_to_ask.play_n": ">= 1",
+    "learn_to_ask.play_turns": ">= 1",
+}
+
+
+def in_range(value, allowed):
+    """Is `value` inside `allowed` ('> 0', '>= 1', '[0, 1)', ...)?"""
+    if allowed.startswith((">", "<")):
+        op, bound = allowed.split()
+        bound = float(bound)
+        return {">": value > bound, ">=": value >= bound, "<": value < bound, "<=": value <= bound}[op]
+    lo, hi = (float(x) for x in allowed[1:-1].split(","))
+    return (lo <= value if allowed[0] == "[" else lo < value) and (value <= hi if allowed[-1] == "]" else value < hi)
+
+
+def _check_ranges(cfg):
+    """Every RANGES key, then the cross-key rules, each refused with one sentence."""
+    for key, allowed in RANGES.items():
+        value = get(cfg, key)
+        if not in_range(value, allowed):
+            raise ConfigError(f"config key '{key}' is {value!r}; allowed: {allowed}.")
+    st, t = cfg["stpr"], cfg["train"]
+    if st["coef"] > 0 and st["mode"] in ("direction", "outcome") and t["group_size"] < 2:
+        raise ConfigError(f"config key 'train.group_size' is {t['group_size']}; allowed: >= 2 with stpr.mode="
+                          f"{st['mode']} (a group of one has no outcome contrast, so every advantage would be 0), "
+                          f"or use stpr.mode=additive / algo=distill.")
+    if cfg["rollout"]["max_new_tokens"] >= cfg["rollout"]["max_context"]:
+        raise ConfigError(f"config key 'rollout.max_new_tokens' is {cfg['rollout']['max_new_tokens']}; allowed: "
+                          f"< rollout.max_context ({cfg['rollout']['max_context']}).")
+
 
 # Presets applied by `algo` before user overrides (a user override always wins).
 PRESETS = {
@@ -119,7 +177,13 @@ def load(path=None, overrides=()):
         if not os.path.exists(path):
             raise ConfigError(f"config file '{path}' does not exist; pass an existing YAML file or omit --config.")
         with open(path) as f:
-            user = yaml.safe_load(f) or {}
+            try:
+                user = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                mark = getattr(e, "problem_mark", None)
+                where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+                raise ConfigError(f"config file '{path}' is not valid YAML{where} "
+                                  f"({getattr(e, 'problem', None) or 'syntax error'}); fix the YAML there.") from None
         if not isinstance(user, dict):
             raise ConfigError(f"config file '{path}' must hold a mapping of keys, like config.yaml.")
         updates.update(_flatten(user))
@@ -135,6 +199,7 @@ def load(path=None, overrides=()):
     _check("algo", algo, cfg["algo"])
     for key, value in {**PRESETS[algo], **updates}.items():
         _set(cfg, key, _check(key, value, flat_defaults[key]))
+    _check_ranges(cfg)
     return cfg
 
 
@@ -175,6 +240,18 @@ def from_argv(argv=None):
             overrides.append(arg)
         i += 1
     return load(path, overrides), flags
+
+
+def positive_int(text):
+    """argparse type for a count flag: an integer >= 1, refused in one sentence naming the value."""
+    import argparse
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
 
 
 def copy_cfg(cfg):

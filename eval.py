@@ -315,8 +315,9 @@ def main(argv=None):
     parser.add_argument("--adapter", action="append", default=[], help="a saved LoRA adapter (repeatable)")
     parser.add_argument("--pilot", action="store_true", help="also the base policy given the privileged view")
     parser.add_argument("--no-base", action="store_true", help="skip the base policy")
-    parser.add_argument("--n", type=int, default=4, help="sampled dialogues per persona (pass@k up to n)")
-    parser.add_argument("--personas", type=int, default=None, help="held-out personas (default personas.eval_n)")
+    parser.add_argument("--n", type=config.positive_int, default=4, help="sampled dialogues per persona (pass@k up to n)")
+    parser.add_argument("--personas", type=config.positive_int, default=None,
+                        help="held-out personas (default personas.eval_n)")
     parser.add_argument("--appraiser", choices=["lexical", "llm", "generative"], help="cross-simulator: appraiser")
     parser.add_argument("--simulator-model", help="cross-simulator: another model plays the user")
     parser.add_argument("--out", default="runs/eval")

@@ -54,6 +54,7 @@ import torch
 import yaml
 
 import appraisal as A
+import config
 import lm
 import personas as P
 import rollout
@@ -551,13 +552,12 @@ def print_validity(table):
 
 def main():
     import time
-    import config
     parser = argparse.ArgumentParser(description="Play one dialogue (the embedded model as agent vs the simulator), "
                                                  "or print the scripted-agent validity matrix.")
     parser.add_argument("--domain", default="courier_recruitment", choices=P.list_domains())
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--validity", action="store_true", help="the scripted-agent validity matrix instead")
-    parser.add_argument("--personas", type=int, default=90, help="--validity: personas per domain")
+    parser.add_argument("--personas", type=config.positive_int, default=90, help="--validity: personas per domain")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. simulator.appraiser=llm")
     args = parser.parse_args()
     if args.validity:

@@ -45,3 +45,78 @@ def test_from_argv_splits_flags_and_overrides(tmp_path):
     cfg, flags = config.from_argv(["--resume", "train.steps=2", "--out", "x", "seed=3"])
     assert flags == {"resume": True, "out": "x"}
     assert cfg["train"]["steps"] == 2 and cfg["seed"] == 3
+
+
+# ----------------------------------------------------------------------------- ranges (issue: every bad value)
+
+@pytest.mark.parametrize("override, key, allowed", [
+    ("train.lr=-1", "train.lr", "> 0"),
+    ("rollout.temperature=-1", "rollout.temperature", ">= 0"),
+    ("simulator.temperature=-0.5", "simulator.temperature", ">= 0"),
+    ("train.steps=0", "train.steps", ">= 1"),
+    ("rollout.top_p=1.5", "rollout.top_p", "(0, 1]"),
+    ("stpr.eps_low=1.0", "stpr.eps_low", "[0, 1)"),
+    ("aopsd.alpha=1", "aopsd.alpha", "(0, 1)"),
+    ("aopsd.ema_decay=2", "aopsd.ema_decay", "[0, 1]"),
+    ("simulator.max_turns=0", "simulator.max_turns", ">= 1"),
+    ("rollout.max_new_tokens=0", "rollout.max_new_tokens", ">= 1"),
+    ("learn_to_ask.group_size=1", "learn_to_ask.group_size", ">= 2"),
+    ("learn_to_ask.test_fraction=1", "learn_to_ask.test_fraction", "[0, 1)"),
+    ("train.group_size=1", "train.group_size", ">= 2"),
+    ("rollout.max_new_tokens=4096", "rollout.max_new_tokens", "< rollout.max_context"),
+])
+def test_out_of_range_values_name_the_key_and_the_range(override, key, allowed):
+    with pytest.raises(config.ConfigError) as err:
+        config.load(None, [override])
+    message = str(err.value)
+    assert "\n" not in message and f"'{key}'" in message and allowed in message
+
+
+def test_a_group_of_one_is_fine_where_no_outcome_advantage_is_used():
+    assert config.load(None, ["train.group_size=1", "algo=distill"])["train"]["group_size"] == 1
+    assert config.load(None, ["train.group_size=1", "stpr.mode=additive"])["train"]["group_size"] == 1
+
+
+def test_every_default_is_in_range():
+    cfg = config.load()
+    for key, allowed in config.RANGES.items():
+        assert config.in_range(config.get(cfg, key), allowed), key
+
+
+def test_yaml_syntax_error_names_file_line_and_column(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  steps: 3\n  lr: [1e-5\n")
+    with pytest.raises(config.ConfigError) as err:
+        config.load(str(bad))
+    message = str(err.value)
+    assert str(bad) in message and "line" in message and "column" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("args", [["train.lr=-1"], ["rollout.temperature=-1"], ["train.steps=0"],
+                                  ["train.group_size=1"], ["--config", "BAD"]])
+def test_savpo_cli_refuses_before_writing_anything(tmp_path, args):
+    import savpo
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: {steps: 3\n")
+    args = [str(bad) if a == "BAD" else a for a in args]
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(SystemExit) as leave:
+        savpo.main([*args, f"out_dir={out}", "--resume"])
+    assert str(leave.value).startswith("config error:") and "\n" not in str(leave.value)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+@pytest.mark.parametrize("module, argv", [("eval", ["--n", "0"]), ("bench", ["--dialogues", "-3"]),
+                                          ("learn_to_ask", ["train", "learn_to_ask.lr=0"])])
+def test_other_entry_points_refuse_bad_values_in_one_sentence(module, argv, capsys, monkeypatch):
+    import importlib
+    import sys
+    mod = importlib.import_module(module)
+    monkeypatch.setattr(sys, "argv", [module, *argv])
+    with pytest.raises(SystemExit) as leave:
+        mod.main(argv) if module != "bench" else mod.main()
+    said = (str(leave.value) if not isinstance(leave.value.code, int) else capsys.readouterr().err).strip()
+    assert said and ("must be an integer >= 1" in said or "'learn_to_ask.lr'" in said)
