@@ -206,3 +206,20 @@ def test_empty_agent_turns_are_recorded_not_fatal(cfg, tokenizer):
         assert all(m["content"] == "" for m in t.messages if m["role"] == "assistant")
         assert all(s["events"]["off_topic"] for s in t.states)
         assert t.decision in ("hangup", "reject", "timeout")
+
+
+def test_sampling_matches_the_distribution_and_the_nucleus():
+    """Inverse-CDF sampling draws from softmax(logits / T); with top-p it keeps exactly the tokens
+    transformers' TopPLogitsWarper keeps, and never samples a token outside them."""
+    from transformers.generation.logits_process import TopPLogitsWarper
+    torch.manual_seed(0)
+    logits = torch.randn(1, 12) * 2
+    gen = rollout.device_generator(1, "cpu")
+    draws = torch.cat([rollout.sample_next(logits.expand(4000, -1), 0.8, 1.0, gen)[0] for _ in range(5)])
+    freq = torch.bincount(draws, minlength=12).float() / len(draws)
+    torch.testing.assert_close(freq, torch.softmax(logits[0] / 0.8, -1), atol=0.01, rtol=0)
+    kept = TopPLogitsWarper(0.7)(None, logits / 0.8).isfinite()[0]
+    tokens, logprobs = rollout.sample_next(logits.expand(20000, -1), 0.8, 0.7, gen)
+    assert set(tokens.tolist()) == set(kept.nonzero().squeeze(-1).tolist())
+    expected = torch.log_softmax(logits[0] / 0.8, -1)[tokens]          # recorded at T, before the nucleus
+    torch.testing.assert_close(logprobs, expected)
