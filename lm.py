@@ -273,7 +273,26 @@ def check_context(model_config, max_context, name="the model"):
                          f"KV cache does not support past the window; set rollout.max_context <= {window}.")
 
 
-def selected_logits(model, rows, rows_cols):
+def _right_padded(rows, device, pad):
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad, dtype=torch.long, device=device)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r, device=device)
+        mask[i, :len(r)] = 1
+    return ids, mask
+
+
+def _head_on(model, b, c):
+    """A forward pre-hook handing the output head only the hidden states at (b, c): (1, N, H)."""
+    return model.get_output_embeddings().register_forward_pre_hook(lambda module, args: (args[0][b, c][None],))
+
+
+def _gradient_checkpointing(model):
+    return model.training and any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+
+
+def selected_logits(model, rows, rows_cols, share_prefix=True):
     """Logits of a few (row, position) pairs of right-padded sequences, through the model's *own*
     forward and output head: (N, V), never (B, T, V).
 
@@ -283,18 +302,44 @@ def selected_logits(model, rows, rows_cols):
     A forward pre-hook on the output embedding hands it only the selected hidden states, so whatever
     the model class does after its head -- Granite's logit scaling, Gemma-2's final soft-capping,
     Cohere's logit scale -- is applied exactly as in `model(...)` (what the rollout decoded with),
-    while memory stays N x V."""
+    while memory stays N x V.
+
+    Fast path (`share_prefix`): rows that start with the same tokens -- the G rollouts of one persona
+    share its whole system prompt -- run that prefix once, batch 1, and the G continuations attend to
+    its keys/values (expanded, not copied, and differentiable: the gradient flows back into the prefix
+    pass). Causal attention makes this exact up to float rounding; it saves (G - 1) x prefix tokens of
+    forward and backward. `selected_logits_plain` is the reference the tests compare it with. Not used
+    under gradient checkpointing, which drops a passed cache."""
+    b, c = rows_cols
+    prefix = min(len(os.path.commonprefix(rows)), int(c.min())) if len(rows) > 1 else 0   # c >= prefix
+    if not share_prefix or prefix < 16 or _gradient_checkpointing(model):
+        return selected_logits_plain(model, rows, rows_cols)
+    from transformers import DynamicCache
     device = next(model.parameters()).device
-    width = max(map(len, rows))
-    pad = getattr(model.config, "pad_token_id", None) or 0
-    ids = torch.full((len(rows), width), pad, dtype=torch.long, device=device)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r, device=device)
-        mask[i, :len(r)] = 1
+    cache = DynamicCache(config=model.config)
+    model(input_ids=torch.tensor([rows[0][:prefix]], device=device), past_key_values=cache, use_cache=True,
+          logits_to_keep=1)
+    for layer in cache.layers:      # one prefix, G readers
+        layer.keys = layer.keys.expand(len(rows), -1, -1, -1)
+        layer.values = layer.values.expand(len(rows), -1, -1, -1)
+    ids, mask = _right_padded([r[prefix:] for r in rows], device, getattr(model.config, "pad_token_id", None) or 0)
+    attention = torch.cat([torch.ones(len(rows), prefix, dtype=torch.long, device=device), mask], 1)
+    positions = torch.arange(prefix, prefix + ids.shape[1], device=device).expand(len(rows), -1)
+    handle = _head_on(model, b.to(device), c.to(device) - prefix)
+    try:
+        logits = model(input_ids=ids, attention_mask=attention, position_ids=positions, past_key_values=cache,
+                       use_cache=True, logits_to_keep=0).logits
+    finally:
+        handle.remove()
+    return logits[0]                                                                         # (N, V)
+
+
+def selected_logits_plain(model, rows, rows_cols):
+    """`selected_logits` without prefix sharing: every row's full sequence in one right-padded batch."""
+    device = next(model.parameters()).device
+    ids, mask = _right_padded(rows, device, getattr(model.config, "pad_token_id", None) or 0)
     b, c = (t.to(device) for t in rows_cols)
-    head = model.get_output_embeddings()
-    handle = head.register_forward_pre_hook(lambda module, args: (args[0][b, c][None],))   # (1, N, H)
+    handle = _head_on(model, b, c)
     try:
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=0).logits
     finally:

@@ -364,15 +364,19 @@ class Trainer:
         stats.update(nonfinite=0, logprob_gap_mean=0.0, logprob_gap_max=0.0)
         old, done_epochs = {}, 0
         order_rng = random.Random(f"{self.cfg['seed']}:{step}")
+        # micro-batches never mix personas: the rollouts of one persona share its system prompt, which
+        # `lm.selected_logits` then runs once for all of them
+        chunks = []
+        for g in sorted({trajs[i].group for i in work}):
+            members = [i for i in work if trajs[i].group == g]
+            chunks += [members[k:k + t["micro_batch"]] for k in range(0, len(members), t["micro_batch"])]
         for epoch in range(t["epochs"]):
-            order = work[:]
-            order_rng.shuffle(order)
+            order_rng.shuffle(chunks)
             epoch_stats = {k: 0.0 for k in keys}
             self.optimizer.zero_grad(set_to_none=True)
             finite = True
             self.model.train()
-            for start in range(0, len(order), t["micro_batch"]):
-                chunk = order[start:start + t["micro_batch"]]
+            for chunk in chunks:
                 loss = self._micro_batch_loss(chunk, trajs, targets, per_turn_adv, weights, norm, old, epoch_stats)
                 if not torch.isfinite(loss):
                     finite = False

@@ -296,3 +296,28 @@ def test_generators_live_on_the_logits_device(tokenizer):
     for name in os.listdir(root):
         if name.endswith(".py"):
             assert "torch.Generator()" not in open(os.path.join(root, name)).read(), name
+
+
+def test_shared_prefix_logits_and_gradients_equal_the_plain_forward(tokenizer, cfg):
+    """The fast path of lm.selected_logits (one pass over the persona's shared system prompt, its
+    keys/values read by every rollout) against the plain full-sequence forward: same logits, same
+    LoRA gradients."""
+    model = lora_with_noise(make_tiny_arch(tokenizer, "qwen2"), cfg)
+    persona = P.sample("broadband_switch", 1, seed=0)
+    roll = {**cfg["rollout"], "max_new_tokens": 8, "temperature": 0.9}
+    trajs = rollout.run(model, tokenizer, template_simulator(cfg, 3), persona, roll, group_size=3, seed=1)
+    targets = [savpo.agent_targets(t) for t in trajs]
+    rows = [t.ids for t in trajs]
+    b = torch.tensor([i for i, tg in enumerate(targets) for _ in tg[0]])
+    c = torch.tensor([j for tg in targets for j in tg[0]])
+    assert len(os.path.commonprefix(rows)) > 100          # the system prompt is shared
+    results = []
+    for fn in (lm.selected_logits, lm.selected_logits_plain):
+        model.zero_grad()
+        logits = fn(model, rows, (b, c))
+        (logits.float().logsumexp(-1).sum() + logits[:, :50].sum()).backward()
+        results.append((logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-4, rtol=1e-4)
+    assert results[0][1].keys() == results[1][1].keys() and results[0][1]
+    for n in results[0][1]:
+        torch.testing.assert_close(results[0][1][n], results[1][1][n], atol=1e-4, rtol=1e-3)
