@@ -31,6 +31,7 @@ import json
 import math
 import os
 import re
+import shutil
 
 import torch
 
@@ -138,6 +139,55 @@ def breakdown(trajs):
     return out
 
 
+# --------------------------------------------------------------------------- statistics over personas
+
+METRICS = ("success", "pass@k", "reveal", "resolve")
+
+
+def per_persona(trajs):
+    """{persona_id: {metric: value}}: each held-out persona's own rates over its n samples --
+    success rate, unbiased pass@n (k = n: did any sample succeed), share of its concerns revealed and
+    resolved. The persona is the unit of the intervals: its samples are not independent draws."""
+    groups = {}
+    for t in trajs:
+        groups.setdefault(t.persona.persona_id, []).append(dialogue_facts(t))
+    out = {}
+    for pid, facts in groups.items():
+        n, wins = len(facts), int(sum(f["success"] for f in facts))
+        concerns = sum(f["concerns"] for f in facts) or 1
+        out[pid] = {"success": wins / n, "pass@k": pass_at_k(n, wins, n),
+                    "reveal": sum(f["revealed"] for f in facts) / concerns,
+                    "resolve": sum(f["resolved"] for f in facts) / concerns}
+    return out
+
+
+def bootstrap(values, n_boot=2000, seed=0):
+    """[mean, low, high]: the mean of `values` (one number per persona) and its 95% percentile
+    bootstrap interval, resampling personas with replacement. [0.1, 0.3] -> [0.2, 0.1, 0.3]."""
+    import random
+    rng = random.Random(seed)
+    n = len(values)
+    means = sorted(sum(values[rng.randrange(n)] for _ in range(n)) / n for _ in range(n_boot))
+    return [round(sum(values) / n, 4), round(means[int(0.025 * n_boot)], 4), round(means[int(0.975 * n_boot) - 1], 4)]
+
+
+def intervals(table):
+    """{metric: [mean, low, high]} over the personas of a per_persona table."""
+    return {m: bootstrap([row[m] for row in table.values()]) for m in METRICS}
+
+
+def paired_difference(table_a, table_b):
+    """{metric: [mean, low, high]} of b - a, persona by persona (the same personas and sampling seeds):
+    pairing removes the persona-to-persona spread from the comparison. An interval that holds 0 is
+    "no measurable difference"."""
+    common = sorted(set(table_a) & set(table_b))
+    return {m: bootstrap([table_b[p][m] - table_a[p][m] for p in common]) for m in METRICS}
+
+
+def fmt(ci):
+    return f"{ci[0]:.3f} [{ci[1]:.3f}, {ci[2]:.3f}]"
+
+
 # --------------------------------------------------------------------------- running policies
 
 @torch.no_grad()
@@ -192,6 +242,18 @@ def write_report(results, out_dir, title):
     for name in names:
         o = results[name]["overall"]
         lines.append(f"| {name} | {o['dialogues']} | " + " | ".join(str(o[c]) for c in cols) + " |")
+    if all("intervals" in results[n] for n in names):
+        lines += ["", "Means and 95% bootstrap intervals over personas (pass@k at k = samples per persona):", "",
+                  "| policy | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
+        for name in names:
+            lines.append(f"| {name} | " + " | ".join(fmt(results[name]["intervals"][m]) for m in METRICS) + " |")
+        diffs = [n for n in names if "difference_vs_base" in results[n]]
+        if diffs:
+            lines += ["", "Difference from the base policy, persona by persona (same personas and seeds; an "
+                      "interval holding 0 is no measurable difference):", "",
+                      "| policy | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
+            for name in diffs:
+                lines.append(f"| {name} | " + " | ".join(fmt(results[name]["difference_vs_base"][m]) for m in METRICS) + " |")
     ks = sorted({int(k) for name in names for k in results[name]["overall"]["pass_at_k"]})
     lines += ["", "pass@k (unbiased, per persona, averaged):", "",
               "| policy | " + " | ".join(f"k={k}" for k in ks) + " |", "|---|" + "---|" * len(ks)]
@@ -301,6 +363,101 @@ def plot_curves(run_dir):
     return path
 
 
+# --------------------------------------------------------------------------- the comparison
+
+ALGOS = ("grpo", "savpo", "distill", "refine")
+
+
+def compare(config_path, overrides, seeds, n_personas, n, out, algos=ALGOS):
+    """Train every preset in `algos` for every seed at the same rollout budget (the config, with
+    `algo` and `seed` set; a run that is already complete is reused, a killed one resumed), then play
+    the base policy, the base policy given the privileged view (the pilot) and every adapter on the
+    same held-out personas with the same sampling seed. Writes compare.json, compare.md (one table:
+    each policy's means with 95% bootstrap intervals over personas -- an algorithm's adapters of
+    all seeds averaged per persona first -- and its paired difference from the base policy) and
+    compare.png (the same intervals as error bars)."""
+    import savpo   # savpo imports this module at the top; imported here, no cycle
+    cfg = config.load(config_path, overrides)
+    os.makedirs(out, exist_ok=True)
+    config.save(cfg, out)
+    adapters = {}
+    for algo in algos:
+        for seed in seeds:
+            run_dir = os.path.join(out, f"{algo}_seed{seed}")
+            run_cfg = config.load(config_path, [*overrides, f"algo={algo}", f"seed={seed}", f"out_dir={run_dir}"])
+            final = os.path.join(run_dir, "checkpoints", f"step_{run_cfg['train']['steps']:06d}", "adapter")
+            if not os.path.exists(final):
+                resume = os.path.exists(os.path.join(run_dir, "checkpoints", "latest"))
+                if not resume:
+                    shutil.rmtree(run_dir, ignore_errors=True)
+                print(f"training {algo}, seed {seed} -> {run_dir}", flush=True)
+                savpo.Trainer(run_cfg, resume=resume).train()
+            adapters[(algo, seed)] = final
+    personas = eval_personas(cfg, n_personas)
+    tokenizer, model = lm.load_model(cfg["model"])
+    sim_model = sim_tok = None
+    if cfg["simulator"]["model"]:
+        sim_tok, sim_model = lm.load_model({**cfg["model"], "name_or_path": cfg["simulator"]["model"]})
+    tables = {}
+
+    def play_table(name, privileged=None):
+        trajs, _ = play(model, tokenizer, cfg, personas, n, cfg["seed"], privileged, sim_model, sim_tok)
+        tables[name] = per_persona(trajs)
+        print(f"  {name:26s} " + "  ".join(f"{m} {fmt(v)}" for m, v in intervals(tables[name]).items()), flush=True)
+
+    play_table("base")
+    play_table(f"base+privileged({cfg['aopsd']['placement']})", cfg["aopsd"]["placement"])
+    from peft import PeftModel
+    for k, ((algo, seed), path) in enumerate(adapters.items()):
+        name = f"{algo}_seed{seed}"
+        model = PeftModel.from_pretrained(model, path, adapter_name=name) if k == 0 else model
+        if k:
+            model.load_adapter(path, adapter_name=name)
+        model.set_adapter(name)
+        play_table(name)
+    rows = {name: tables[name] for name in list(tables)[:2]}
+    for algo in algos:    # an algorithm's seeds averaged per persona: the persona stays the unit
+        per_seed = [tables[f"{algo}_seed{seed}"] for seed in seeds]
+        rows[algo] = {p: {m: sum(t[p][m] for t in per_seed) / len(per_seed) for m in METRICS} for p in per_seed[0]}
+    result = {name: {"intervals": intervals(table),
+                     "difference_vs_base": paired_difference(tables["base"], table) if name != "base" else None,
+                     "per_seed_means": {s: {m: round(sum(r[m] for r in tables[f"{name}_seed{s}"].values())
+                                                  / len(personas), 4) for m in METRICS} for s in seeds}
+                     if name in algos else None} for name, table in rows.items()}
+    with open(os.path.join(out, "compare.json"), "w") as f:
+        json.dump({"personas": len(personas), "samples": n, "seeds": list(seeds), "results": result}, f, indent=1)
+    lines = [f"# {len(personas)} held-out personas x {n} samples; trained presets averaged over seeds "
+             f"{', '.join(map(str, seeds))} per persona; 95% bootstrap intervals over personas", "",
+             "| policy | success | pass@k | reveal | resolve | reveal minus base | success minus base |",
+             "|---|---|---|---|---|---|---|"]
+    for name, r in result.items():
+        d = r["difference_vs_base"]
+        lines.append(f"| {name} | " + " | ".join(fmt(r["intervals"][m]) for m in METRICS) + " | "
+                     + (f"{fmt(d['reveal'])} | {fmt(d['success'])}" if d else "- | -") + " |")
+    with open(os.path.join(out, "compare.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    _compare_plot(result, os.path.join(out, "compare.png"))
+    print("\n".join(lines))
+    return result
+
+
+def _compare_plot(result, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = list(result)
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    for ax, metric in zip(axes, ("success", "reveal", "resolve")):
+        ci = [result[n]["intervals"][metric] for n in names]
+        ax.bar(range(len(names)), [c[0] for c in ci], yerr=[[c[0] - c[1] for c in ci], [c[2] - c[0] for c in ci]],
+               capsize=3, color=["gray", "silver"] + ["tab:blue"] * (len(names) - 2))
+        ax.set_xticks(range(len(names)), names, rotation=30, fontsize=7, ha="right")
+        ax.set_title(f"{metric} (95% CI over personas)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 # --------------------------------------------------------------------------- CLI
 
 def _adapter_run_config(path):
@@ -320,10 +477,20 @@ def main(argv=None):
                         help="held-out personas (default personas.eval_n)")
     parser.add_argument("--appraiser", choices=["lexical", "llm", "generative"], help="cross-simulator: appraiser")
     parser.add_argument("--simulator-model", help="cross-simulator: another model plays the user")
-    parser.add_argument("--out", default="runs/eval")
+    parser.add_argument("--compare", action="store_true",
+                        help="train grpo/savpo/distill/refine for every --seeds and compare them with base and pilot")
+    parser.add_argument("--seeds", default="0,1,2", help="--compare: training seeds")
+    parser.add_argument("--out", default=None, help="output folder (default runs/eval, or runs/compare)")
     parser.add_argument("--config", default=None)
     parser.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
     args = parser.parse_args(argv)
+    if args.compare:
+        try:
+            seeds = [int(x) for x in args.seeds.split(",")]
+            return compare(args.config, args.overrides, seeds, args.personas or 64, args.n, args.out or "runs/compare")
+        except (config.ConfigError, lm.ModelError, P.DomainError, ValueError) as e:
+            raise SystemExit(f"eval --compare: {e}")
+    args.out = args.out or "runs/eval"
     try:
         cfg = config.load(args.config, args.overrides + ([f"simulator.appraiser={args.appraiser}"]
                                                           if args.appraiser else []))
@@ -345,13 +512,21 @@ def main(argv=None):
     seed = cfg["seed"]
     results = {}
 
+    tables = {}
+
     def record(name, privileged=None):
         trajs, health = play(model, tokenizer, cfg, personas, args.n, seed, privileged, sim_model, sim_tok)
+        tables[name] = per_persona(trajs)
         results[name] = {**breakdown(trajs), "simulator_health": health,
-                         "willingness_by_turn": willingness_by_turn(trajs)}
-        o = results[name]["overall"]
-        print(f"{name:28s} success {o['success_rate']:.3f}  pass@{args.n} {o['pass_at_k'].get(args.n)}  "
-              f"revealed {o['reveal_rate']:.3f}  resolved {o['resolve_rate']:.3f}  leak {o['leak_rate']:.3f}")
+                         "willingness_by_turn": willingness_by_turn(trajs), "intervals": intervals(tables[name])}
+        if name != "base" and "base" in tables:
+            results[name]["difference_vs_base"] = paired_difference(tables["base"], tables[name])
+        ci = results[name]["intervals"]
+        print(f"{name:28s} success {fmt(ci['success'])}  pass@{args.n} {fmt(ci['pass@k'])}  "
+              f"revealed {fmt(ci['reveal'])}  resolved {fmt(ci['resolve'])}  leak {results[name]['overall']['leak_rate']:.3f}")
+        if "difference_vs_base" in results[name]:
+            print(f"{'':28s} minus base: revealed {fmt(results[name]['difference_vs_base']['reveal'])}  "
+                  f"success {fmt(results[name]['difference_vs_base']['success'])}")
         with open(os.path.join(args.out, f"samples_{name.replace('/', '_')}.jsonl"), "w") as f:
             for t in trajs[::args.n]:
                 f.write(json.dumps(t.to_dict()) + "\n")

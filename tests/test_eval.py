@@ -100,3 +100,47 @@ def test_evaluation_refuses_personas_the_adapter_was_trained_on(tmp_path):
         E.main(["--adapter", str(adapter), "--out", str(tmp_path / "out")])
     # and the default held-out set is disjoint from the default training set
     P.check_disjoint(E.train_personas(cfg), E.eval_personas(cfg))
+
+
+# ----------------------------------------------------------------------------- statistics
+
+def test_bootstrap_intervals_and_paired_differences():
+    assert E.bootstrap([0.25] * 10) == [0.25, 0.25, 0.25]                   # no spread, no interval
+    mean, lo, hi = E.bootstrap([0.0, 1.0] * 20)
+    assert mean == 0.5 and 0.3 < lo < 0.5 < hi < 0.7                        # ~ mean +- 1.96 * 0.5 / sqrt(40)
+    assert E.bootstrap([0.0, 1.0] * 20) == [mean, lo, hi]                  # seeded: deterministic
+    a = {f"p{i}": {"success": 0.0, "pass@k": 0.0, "reveal": 0.1 * (i % 3), "resolve": 0.0} for i in range(30)}
+    b = {p: {**row, "reveal": row["reveal"] + 0.2} for p, row in a.items()}
+    d = E.paired_difference(a, b)
+    assert d["reveal"] == [0.2, 0.2, 0.2]        # the persona spread cancels when paired
+    assert d["success"] == [0.0, 0.0, 0.0]       # an interval holding 0: no measurable difference
+    unpaired = E.bootstrap([b[p]["reveal"] for p in b])
+    assert unpaired[2] - unpaired[1] > 0.05      # unpaired, the same data has a wide interval
+
+
+def test_per_persona_rates(trajs):
+    table = E.per_persona(trajs)                  # one persona, two samples: one accepted
+    (row,) = table.values()
+    assert row == {"success": 0.5, "pass@k": 1.0, "reveal": 0.5, "resolve": 0.5}
+
+
+def test_compare_trains_every_preset_and_reports_intervals(tmp_path, tokenizer):
+    from conftest import make_tiny_model
+    tiny = tmp_path / "tiny"
+    make_tiny_model(tokenizer).save_pretrained(tiny)
+    tokenizer.save_pretrained(tiny)
+    overrides = [f"model.name_or_path={tiny}", "train.steps=1", "train.personas_per_step=2", "train.group_size=2",
+                 "rollout.max_new_tokens=4", "simulator.max_turns=1", "personas.eval_n=2", "aopsd.placement=system"]
+    out = tmp_path / "cmp"
+    result = E.compare(None, overrides, [0, 1], 3, 2, str(out), algos=("grpo", "savpo"))
+    assert set(result) == {"base", "base+privileged(system)", "grpo", "savpo"}
+    assert (out / "grpo_seed1" / "checkpoints" / "step_000001" / "adapter").exists()
+    for r in result.values():
+        for m in E.METRICS:
+            mean, lo, hi = r["intervals"][m]
+            assert lo <= mean <= hi
+    assert result["savpo"]["per_seed_means"].keys() == {0, 1}
+    text = (out / "compare.md").read_text()
+    assert "| savpo |" in text and "reveal minus base" in text and (out / "compare.png").stat().st_size > 1000
+    again = E.compare(None, overrides, [0, 1], 3, 2, str(out), algos=("grpo", "savpo"))   # reuses the runs
+    assert again["savpo"]["intervals"] == result["savpo"]["intervals"]
