@@ -2,18 +2,22 @@
 
     python bench.py                                   # 16 dialogues x 6 turns, embedded model, CPU
     python bench.py --sweep                           # + batch sizes x turn counts (kv vs batched generate)
-    python bench.py --arch qwen2.5-1.5b --quantization 4bit   # random-init model of a real size (GPU)
+    python bench.py --arch qwen2.5-1.5b --dialogues 64         # random-init model of a real size (GPU)
+    python bench.py --arch qwen3-4b --write-model runs/qwen3-4b-random   # a folder for savpo.py's GPU path
 
-Three decoders run the *same* dialogues (same personas, greedy policy and simulator, the same
-per-turn token budgets), each in its own subprocess so peak memory is its own:
+Decoders run the *same* dialogues (same personas, greedy policy and simulator, the same per-turn
+token budgets), each in its own subprocess so peak memory is its own:
   kv               rollout.KVBatch: per-dialogue KV caches, only each turn's new tokens prefilled
   generate_batched model.generate over all live dialogues, left-padded, re-prefilling whole dialogues
   generate_single  model.generate one dialogue at a time, re-prefilling (what most peers do)
-Greedy decoding makes the three produce identical dialogues when they are numerically consistent;
-the table says whether they did. Reported: generated tokens/s (policy + simulator lines), prefill
-tokens, wall time, peak memory (RSS on CPU, max allocated on CUDA) and, on a GPU, the decode
-memory-bandwidth utilisation (weights read per decode step / time / peak bandwidth; a lower bound,
-KV reads excluded). The last line is JSON.
+  generate_static  generate_batched with a static, compiled cache (CUDA graphs): the strongest plain
+                   baseline on a GPU (run by default on CUDA only; compiling on a CPU takes minutes)
+Greedy decoding makes them produce identical dialogues when they are numerically consistent; the
+table says whether they did. Reported: generated tokens/s (policy + simulator lines), prefill
+tokens, wall time split into prefill / decode / the rest (simulator appraisal, bookkeeping), peak
+memory (RSS on CPU, max allocated on CUDA) and, on a GPU, the decode memory-bandwidth utilisation:
+the bytes every decode step must read (all weights, and the KV cache slots it attends over) divided
+by the decode time and the card's peak bandwidth. The last line is JSON.
 """
 
 import argparse
@@ -41,6 +45,8 @@ ARCHS = {  # real shapes, random weights: throughput and memory depend on these,
                          num_attention_heads=12, num_key_value_heads=2, vocab_size=151936),
     "qwen3-4b": dict(model_type="qwen3", hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
                      num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936),
+    "tiny-qwen3": dict(model_type="qwen3", hidden_size=64, intermediate_size=128, num_hidden_layers=2,   # tests
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=49152),
 }
 PEAK_BANDWIDTH = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12, "L4": 0.3e12, "4090": 1.0e12}
 
@@ -49,10 +55,11 @@ class GenerateBatch:
     """Drop-in for KVBatch built on `model.generate`: every call re-prefills each row's whole
     sequence. batched=True left-pads all rows into one call; False loops over rows."""
 
-    def __init__(self, model, pad_id, adapter=True, batched=True):
-        self.model, self.pad_id, self.adapter, self.batched = model, pad_id, adapter, batched
+    def __init__(self, model, pad_id, adapter=True, batched=True, static=False):
+        self.model, self.pad_id, self.adapter, self.batched, self.static = model, pad_id, adapter, batched, static
         self.keys, self.rows = [], {}
-        self.prefill_tokens = self.generated_tokens = self.decode_steps = 0
+        self.prefill_tokens = self.generated_tokens = self.decode_steps = self.kv_slots_read = 0
+        self.prefill_s = self.decode_s = 0.0    # not separable inside generate: all counted as decode
 
     def add(self, key, ids):
         self.keys.append(key)
@@ -85,13 +92,20 @@ class GenerateBatch:
         ctx = contextlib.nullcontext() if self.adapter else lm.adapter_off(self.model)
         sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else \
             dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if self.static:   # the strongest plain baseline on a GPU: a static cache, compiled decode (CUDA graphs)
+            sampling["cache_implementation"] = "static"
+        t0 = time.perf_counter()
         with ctx:
             out = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                       max_new_tokens=max_new_tokens, eos_token_id=sorted(stop_ids),
                                       pad_token_id=self.pad_id, output_scores=True,
                                       return_dict_in_generate=True, **sampling)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.decode_s += time.perf_counter() - t0
         self.prefill_tokens += int(mask.sum())
         self.decode_steps += len(out.scores) - 1
+        self.kv_slots_read += len(keys) * sum(width + s for s in range(1, len(out.scores)))
         result = {}
         for i, k in enumerate(keys):
             new = out.sequences[i, width:].tolist()
@@ -149,8 +163,12 @@ def run_one(args, method, tokenizer, model):
     made = []
 
     def decoder(model_, pad_id, adapter=True):
-        d = rollout.KVBatch(model_, pad_id, adapter) if method == "kv" else \
-            GenerateBatch(model_, pad_id, adapter, batched=(method == "generate_batched"))
+        if method == "kv":
+            d = rollout.KVBatch(model_, pad_id, adapter)
+            d.sync = True
+        else:
+            d = GenerateBatch(model_, pad_id, adapter, batched=(method != "generate_single"),
+                              static=(method == "generate_static"))
         made.append(d)
         return d
 
@@ -166,23 +184,57 @@ def run_one(args, method, tokenizer, model):
         torch.cuda.synchronize()
     wall = time.perf_counter() - t0
     generated = sum(d.generated_tokens for d in made)
+    prefill_s, decode_s = sum(d.prefill_s for d in made), sum(d.decode_s for d in made)
     result = {"method": method, "wall_s": round(wall, 2), "generated_tokens": generated,
               "tok_s": round(generated / wall, 1), "prefill_tokens": sum(d.prefill_tokens for d in made),
-              "decode_steps": sum(d.decode_steps for d in made),
-              "turns": sum(t.n_turns for t in trajs),
+              "decode_steps": sum(d.decode_steps for d in made), "turns": sum(t.n_turns for t in trajs),
+              # where the wall time went: the decoders' prefill and decode, and the rest (simulator
+              # appraisal, Python bookkeeping); generate() cannot split its prefill off its decode
+              "prefill_s": round(prefill_s, 2), "decode_s": round(decode_s, 2),
+              "other_s": round(wall - prefill_s - decode_s, 2),
               "dialogue_hash": hashlib.sha1(json.dumps([t.ids for t in trajs]).encode()).hexdigest()[:12]}
     if cuda:
         result["peak_mem_gb"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
         name = torch.cuda.get_device_name()
         peak = next((bw for key, bw in PEAK_BANDWIDTH.items() if key in name), None)
-        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        if peak:  # every decode step reads all weights at least once; time includes prefill: lower bound
-            result["mbu_lower_bound"] = round(result["decode_steps"] * weight_bytes / wall / peak, 3)
+        if peak and decode_s > 0:   # decode MBU: bytes a decode step must read (weights + KV) / decode time
+            moved = result["decode_steps"] * weight_bytes(model) + sum(d.kv_slots_read for d in made) * kv_bytes_per_slot(model)
+            result["decode_mbu"] = round(moved / decode_s / peak, 3)
         result["device"] = name
     else:
         result["peak_mem_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2)
         result["device"] = f"cpu x{torch.get_num_threads()}"
     return result
+
+
+def weight_bytes(model):
+    """Bytes of the weights one forward reads (4-bit parameters count their packed size)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def kv_bytes_per_slot(model):
+    """Bytes of keys + values one cache slot holds over all layers (one token of one row)."""
+    text = model.config.get_text_config()
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    return 2 * text.num_hidden_layers * kv_heads * head_dim * next(model.parameters()).element_size()
+
+
+def write_model(arch, path):
+    """A random-weight model of a named architecture with the embedded tokenizer, saved as a Hugging
+    Face folder: `python savpo.py model.name_or_path=PATH ...` then runs the whole GPU path with no
+    download (the weights are random: for speed and memory, not for learning)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    lm.quiet_transformers()
+    tokenizer = AutoTokenizer.from_pretrained(lm.embedded_path())
+    spec = dict(ARCHS[arch])
+    model_config = AutoConfig.for_model(spec.pop("model_type"), **spec, tie_word_embeddings=False,
+                                        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(model_config, dtype=torch.bfloat16)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
 
 
 def child(args):
@@ -222,12 +274,20 @@ def main():
     parser.add_argument("--model", default=lm.EMBEDDED)
     parser.add_argument("--arch", choices=sorted(ARCHS), help="random-init model of this architecture")
     parser.add_argument("--quantization", default="none", choices=["none", "4bit", "8bit"])
-    parser.add_argument("--methods", default="kv,generate_batched,generate_single")
+    parser.add_argument("--methods", default=None, help="default kv,generate_batched,generate_single "
+                        "(+ generate_static on CUDA: a static compiled cache, the strongest plain baseline)")
+    parser.add_argument("--write-model", metavar="DIR", help="with --arch: write a random-weight model folder and exit")
     parser.add_argument("--sweep", action="store_true", help="also sweep batch size x turns (kv, generate_batched)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         return child(args)
+    if args.write_model:
+        if not args.arch:
+            raise SystemExit("--write-model needs --arch (one of: " + ", ".join(sorted(ARCHS)) + ").")
+        print(f"wrote a random-weight {args.arch} with the embedded tokenizer to {write_model(args.arch, args.write_model)}")
+        return
+    args.methods = args.methods or "kv,generate_batched,generate_single" + (",generate_static" if torch.cuda.is_available() else "")
     grid = [(args.dialogues, args.turns, m) for m in args.methods.split(",")]
     if args.sweep:
         grid += [(d, t, m) for d in (4, 32) for t in (3, 6) for m in ("kv", "generate_batched")]
@@ -250,8 +310,9 @@ def main():
     for m, r in main_rows.items():
         summary[f"{m}_tok_s"] = r["tok_s"]
         summary[f"{m}_peak_gb"] = r["peak_mem_gb"]
-        if "mbu_lower_bound" in r:
-            summary[f"{m}_mbu"] = r["mbu_lower_bound"]
+        summary[f"{m}_split_s"] = {k: r[k] for k in ("prefill_s", "decode_s", "other_s")}
+        if "decode_mbu" in r:
+            summary[f"{m}_decode_mbu"] = r["decode_mbu"]
     if "kv" in main_rows:
         for m in main_rows:
             if m != "kv":

@@ -57,7 +57,7 @@ RANGES = {
     "simulator.rules.accept_threshold": "[0, 4]", "simulator.rules.reject_threshold": "[-4, 4]",
     "simulator.rules.max_agent_words": ">= 1", "simulator.rules.max_topics": ">= 1",
     "rollout.max_new_tokens": ">= 1", "rollout.temperature": ">= 0", "rollout.top_p": "(0, 1]",
-    "rollout.max_context": ">= 2",
+    "rollout.max_context": ">= 2", "rollout.wave_rows": ">= 0",
     "train.steps": ">= 1", "train.personas_per_step": ">= 1", "train.group_size": ">= 1", "train.epochs": ">= 1",
     "train.micro_batch": ">= 1", "train.lr": "> 0", "train.warmup_steps": ">= 0", "train.weight_decay": ">= 0",
     "train.grad_clip": "> 0", "train.eval_every": ">= 0", "train.save_every": ">= 0", "train.samples_every": ">= 0",
@@ -71,7 +71,7 @@ RANGES = {
     "learn_to_ask.micro_batch": ">= 1", "learn_to_ask.lr": "> 0", "learn_to_ask.eps_low": "[0, 1)",
     "learn_to_ask.eps_high": ">= 0", "learn_to_ask.grad_clip": "> 0", "learn_to_ask.save_every": ">= 0",
     "learn_to_ask.n_eval_samples": ">= 1", "learn_to_ask.eval_rollouts": ">= 1", "learn_to_ask.play_n": ">= 1",
-    "learn_to_ask.play_turns": ">= 1",
+    "learn_to_ask.play_turns": ">= 1", "learn_to_ask.stop_fraction": "[0, 1]",
 }
 
 

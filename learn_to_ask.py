@@ -53,13 +53,20 @@ import rollout
 from rollout import KVBatch
 
 POLICY_SYSTEM = (
-    "You are the caller on a sales call. Find out, one question at a time, what worries the customer. "
-    "Reply with exactly two tags and nothing else:\n"
-    "<action>one short question</action><state>what you know so far</state>\n"
-    "When there is nothing left to ask, reply:\n"
-    "<action><stop/></action><state>what you know so far</state>\n"
-    "Example: <action>Is there anything about this that worries you?</action><state>No worry named yet.</state>")
+    "You are the caller on a sales call. Ask one short question at a time to find out what worries the "
+    "customer. Reply with exactly two tags:\n"
+    "<action> one short question </action><state> what you know so far </state>\n"
+    "The call is over as soon as the customer has decided: they said yes, said no, or said goodbye. Then ask "
+    "nothing more and reply exactly:\n"
+    "<action> <stop/> </action><state> what you know so far </state>\n"
+    "Examples:\n"
+    "Customer: Hello?\n"
+    "Reply: <action> Is there anything about this that worries you? </action><state> No worry named yet. </state>\n"
+    "Customer: Okay, let's do it. Sign me up.\n"
+    "Reply: <action> <stop/> </action><state> They agreed. </state>")
 STOP_TEXT = "</state>"      # decoding stops here: every well-formed reply ends with it
+STOP_REPLY = " <stop/>"     # what a stop looks like right after the prefilled "<action>": ' <' 'stop' '/>'
+                            # (without the space, the tokenizer merges "><" and the marker is unreachable)
 ROLES = ("system", "user", "assistant")
 PUSH_LINES = ["So, shall I get you started today?", "Would you like to sign up today?",
               "Are you ready to get started?"]
@@ -664,6 +671,22 @@ def save_checkpoint(model, optimizer, step, root):
                                                               "python": random.getstate()}})
 
 
+def step_batches(samples, k, stop_fraction, seed):
+    """step -> the k training samples of that step: fixed seeded walks over the stop and the continue
+    samples, round(k * stop_fraction) from the first (0 = no balancing: one walk over all samples, the
+    data's own share of stops). A function of the seed and the step only, so a resumed run sees the
+    same batches."""
+    rng = random.Random(seed)
+    if stop_fraction <= 0:
+        order = rng.sample(samples, len(samples))
+        return lambda step: [order[(step * k + i) % len(order)] for i in range(k)]
+    stops = rng.sample([s for s in samples if s["decision_truth"] == "stop"], sum(s["decision_truth"] == "stop" for s in samples))
+    conts = rng.sample([s for s in samples if s["decision_truth"] != "stop"], len(samples) - len(stops))
+    n_stop = round(k * stop_fraction)
+    return lambda step: ([stops[(step * n_stop + i) % len(stops)] for i in range(n_stop)] +
+                         [conts[(step * (k - n_stop) + i) % len(conts)] for i in range(k - n_stop)])
+
+
 def train(cfg, resume=False):
     """GRPO over single-step samples: each step, `samples_per_step` samples x `group_size` sampled
     replies -> rewards -> advantages normalised within each sample's group (savpo.stpr_advantages in
@@ -694,14 +717,14 @@ def train(cfg, resume=False):
         random.setstate(state["rng"]["python"])
         step = state["step"]
     config.save(cfg, out)
-    order = random.Random(seed).sample(range(len(samples)), len(samples))    # a fixed walk over the samples
     k, G, T = lt["samples_per_step"], lt["group_size"], lt["temperature"]
+    batches = step_batches(samples, k, lt["stop_fraction"], seed)
     print(f"GRPO on {len(samples)} training samples: {lt['steps']} steps x {k} samples x {G} completions, "
           f"reward {lt['reward']}, grader {lt['grader']}; writing to {out}")
     from tqdm import tqdm
     for step in tqdm(range(step, lt["steps"]), initial=step, total=lt["steps"], desc="learn-to-ask", unit="step"):
         t0 = time.perf_counter()
-        batch = [samples[order[(step * k + i) % len(samples)]] for i in range(k)]
+        batch = batches(step)
         prompts = [prompt_ids(tokenizer, s["context"], lt["response_prefix"]) for s in batch]
         generator = rollout.device_generator(seed * 100_003 + step, model)
         groups = sample_completions(model, tokenizer, prompts, G, lt["max_new_tokens"], T, generator, lt["response_prefix"])
@@ -751,6 +774,26 @@ def load_policy(cfg, adapter):
     return tokenizer, model
 
 
+def stop_probability(model, tokenizer, samples, lt):
+    """The exact chance, per sample, that the policy's reply starts with the stop marker right after
+    the prefilled `<action>` (teacher-forced log-probs at the sampling temperature): whether GRPO can
+    ever sample a stop to reinforce. With G replies the chance of at least one is 1 - (1 - p)^G."""
+    marker = lm.encode(tokenizer, STOP_REPLY)
+    out = []
+    with torch.no_grad():
+        for s in samples:
+            prompt = prompt_ids(tokenizer, s["context"], lt["response_prefix"])
+            pos = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(marker))
+            logits = lm.selected_logits(model, [prompt + marker], (torch.zeros_like(pos), pos))
+            out.append(float(lm.token_logprobs(logits, torch.tensor(marker, device=logits.device), lt["temperature"]).sum().exp()))
+    return out
+
+
+def _load_report(cfg, name):
+    path = os.path.join(cfg["learn_to_ask"]["out_dir"], name + ".json")
+    return json.load(open(path)) if os.path.exists(path) else {}
+
+
 def _report(cfg, name, label, result, columns):
     """Merge `result` under `label` into OUT_DIR/NAME.json and rewrite NAME.md as a table."""
     out = cfg["learn_to_ask"]["out_dir"]
@@ -759,7 +802,7 @@ def _report(cfg, name, label, result, columns):
     results = json.load(open(path)) if os.path.exists(path) else {}
     results[label] = result
     json.dump(results, open(path, "w"), indent=1)
-    table = md_table(["metric", *results], [[c, *(r[c] for r in results.values())] for c in columns])
+    table = md_table(["metric", *results], [[c, *(r.get(c, "-") for r in results.values())] for c in columns])
     open(os.path.join(out, name + ".md"), "w").write(table + "\n")
     return table
 
@@ -784,9 +827,23 @@ def evaluate(cfg, adapter=None):
         prompts = [prompt_ids(tokenizer, s["context"], lt["response_prefix"]) for s in samples[start:start + 8]]
         texts += [c[2] for g in sample_completions(model, tokenizer, prompts, n, lt["max_new_tokens"], lt["temperature"],
                                                    generator, lt["response_prefix"]) for c in g]
-    result = summarize(score([s for s in samples for _ in range(n)], texts, grade, lt))
+    records = score([s for s in samples for _ in range(n)], texts, grade, lt)
+    result = summarize(records)
+    # the stop diagnosis: how often the stop marker is sampled, and its exact probability after the prefix
+    p_stop = stop_probability(model, tokenizer, samples, lt)
+    for truth in ("stop", "continue"):
+        picked = [r for r in records if r["truth"] == truth]
+        result[f"stops_per_100_on_{truth}"] = round(100 * sum(r["kind"] == "stop" for r in picked) / max(1, len(picked)), 1)
+        probs = [p for s, p in zip(samples, p_stop) if s["decision_truth"] == truth]
+        result[f"p_stop_on_{truth}"] = round(sum(probs) / max(1, len(probs)), 4)
+    per_sample = {s["sample_id"]: sum(r["R"] for r in records[i * n:(i + 1) * n]) / n for i, s in enumerate(samples)}
     label = f"trained ({adapter})" if adapter else "base"
-    table = _report(cfg, "eval", label, result, list(result))
+    base = _load_report(cfg, "eval").get("base", {}).get("per_sample_reward")
+    if adapter and base:   # paired over the same test samples: a trained policy minus the base
+        import eval as evaluation
+        common = sorted(set(base) & set(per_sample))
+        result["reward_minus_base"] = evaluation.bootstrap([per_sample[k] - base[k] for k in common])
+    table = _report(cfg, "eval", label, {**result, "per_sample_reward": per_sample}, list(result))
     print(f"{len(samples)} test samples x {n} rollouts, grader {lt['grader']}, reward {lt['reward']}; "
           f"examples: {texts[:2]}\n{table}")
     return result

@@ -18,6 +18,7 @@ Two parts:
 
 import contextlib
 import dataclasses
+import time
 
 import torch
 
@@ -125,9 +126,12 @@ class KVBatch:
         self.n_cached = {}      # key -> how many of those are in the cache
         self.cache = None       # a Cache of _SlotLayer: (B, heads, L, head_dim) used slots per layer
         self.mask = None        # (B, L) 1 where a cache slot holds a real token
-        self.prefill_tokens = 0     # real tokens prefilled      } counters for bench.py
-        self.generated_tokens = 0   # tokens sampled            }
-        self.decode_steps = 0       # batched one-token forwards }
+        self.prefill_tokens = 0     # real tokens prefilled              } counters for bench.py
+        self.generated_tokens = 0   # tokens sampled                    }
+        self.decode_steps = 0       # batched one-token forwards         }
+        self.kv_slots_read = 0      # cache slots (rows x length) the decode steps attended over
+        self.prefill_s = self.decode_s = 0.0   # wall time of the prefills and of the decode loops
+        self.sync = False           # bench.py: synchronise CUDA before reading the clock
 
     # -- bookkeeping ---------------------------------------------------------------------------
     def add(self, key, ids):
@@ -191,6 +195,11 @@ class KVBatch:
         self._resize_rows(lambda t: t.gather(2, index.expand(-1, t.shape[1], -1, t.shape[3])))
         self.mask = self.mask.gather(1, order)
 
+    def _clock(self):
+        if self.sync and torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
     # -- the forward pass ----------------------------------------------------------------------
     def _forward(self, input_ids, new_mask, keep=None):
         """Append (B, n) tokens; new_mask (B, n) marks the real ones. Returns logits (B, n, V), or
@@ -231,40 +240,48 @@ class KVBatch:
         for i, d in enumerate(deltas):
             input_ids[i, :len(d)] = torch.tensor(d, device=device)
             new_mask[i, :len(d)] = 1
+        t0 = self._clock()
         last = torch.tensor([len(d) - 1 for d in deltas], device=device)
         keep, where = torch.unique(last, return_inverse=True)                  # distinct last positions
         logits = self._forward(input_ids, new_mask, keep=keep)                 # (B, len(keep), V)
         next_logits = logits[torch.arange(len(deltas), device=device), where]  # (B, V)
+        t1 = self._clock()
+        self.prefill_s += t1 - t0
         self.prefill_tokens += sum(map(len, deltas))
         for k, d in zip(self.keys, deltas):
             self.n_cached[k] += len(d)
 
+        # decode: tokens and log-probs stay on the device in (B, max_new_tokens) buffers; the only host
+        # synchronisation per step is "is any row still going?", and the buffers move to the host once
         stop = torch.tensor(sorted(stop_ids), device=device)
-        active = torch.ones(len(self.keys), dtype=torch.bool, device=device)
-        new_tokens = [[] for _ in self.keys]
-        new_logprobs = [[] for _ in self.keys]
+        n_rows = len(self.keys)
+        token_buf = torch.full((n_rows, max_new_tokens), -1, dtype=torch.long, device=device)
+        logprob_buf = torch.zeros((n_rows, max_new_tokens), dtype=torch.float32, device=device)
+        active = torch.ones(n_rows, dtype=torch.bool, device=device)
+        fed = torch.zeros(n_rows, dtype=torch.long, device=device)             # tokens fed into the cache
         for step in range(max_new_tokens):
             tokens, logprobs = sample_next(next_logits, temperature, top_p, generator)
-            for i in active.nonzero().squeeze(-1).tolist():
-                new_tokens[i].append(int(tokens[i]))
-                new_logprobs[i].append(float(logprobs[i]))
-            fed = active.clone()
-            active &= ~torch.isin(tokens, stop)
-            if not active.any() or step == max_new_tokens - 1:
+            token_buf[:, step] = torch.where(active, tokens, -1)              # finished rows record nothing
+            logprob_buf[:, step] = logprobs
+            active = active & ~torch.isin(tokens, stop)
+            if step == max_new_tokens - 1 or not bool(active.any()):
                 break
             # feed the tokens of rows still going; finished rows get a padding hole
-            fed &= active
-            step_ids = torch.where(fed, tokens, torch.full_like(tokens, self.pad_id))[:, None]
-            next_logits = self._forward(step_ids, fed.long()[:, None])[:, -1]
+            step_ids = torch.where(active, tokens, torch.full_like(tokens, self.pad_id))[:, None]
+            self.kv_slots_read += n_rows * (self.mask.shape[1] + 1)
+            next_logits = self._forward(step_ids, active.long()[:, None])[:, -1]
+            fed += active.long()
             self.decode_steps += 1
-            for i in fed.nonzero().squeeze(-1).tolist():
-                self.n_cached[self.keys[i]] += 1
+        token_rows, logprob_rows, fed = token_buf.tolist(), logprob_buf.tolist(), fed.tolist()
+        self.decode_s += self._clock() - t1
         out = {}
         for i, k in enumerate(self.keys):
-            # every sampled token but the last was fed; after that feed n_cached counts it
-            self.rows[k].extend(new_tokens[i])
-            self.generated_tokens += len(new_tokens[i])
-            out[k] = (new_tokens[i], new_logprobs[i])
+            n = sum(t >= 0 for t in token_rows[i])
+            # every sampled token but the last was fed; the last is prefilled with the row's next delta
+            self.n_cached[k] += fed[i]
+            self.rows[k].extend(token_rows[i][:n])
+            self.generated_tokens += n
+            out[k] = (token_rows[i][:n], logprob_rows[i][:n])
         return out
 
 
@@ -352,18 +369,49 @@ def note_ids(tokenizer, persona):
     return lm.encode(tokenizer, "\n" + personas.private_view(persona))
 
 
+def wave_rows(model, rollout_cfg):
+    """How many dialogues advance together: `rollout.wave_rows`, or 0 = all of them on the CPU and, on
+    CUDA, as many as half the free memory holds at `max_context` tokens in two KV caches each (the
+    policy's and the simulator's view)."""
+    if rollout_cfg["wave_rows"] > 0:
+        return rollout_cfg["wave_rows"]
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        return 10 ** 9
+    text = model.config.get_text_config()
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    per_row = 2 * 2 * text.num_hidden_layers * kv_heads * head_dim * rollout_cfg["max_context"] * 2   # bf16, 2 views
+    return max(1, int(0.5 * torch.cuda.mem_get_info(device)[0] / per_row))
+
+
 def run(model, tokenizer, simulator, persona_list, rollout_cfg, group_size=1, seed=0, progress=False,
         decoder=KVBatch, privileged=None, teacher_placement=None):
-    """G = group_size dialogues per persona, all advanced together. Returns [Trajectory], grouped
-    by persona (group id = persona index). `decoder` is KVBatch or a drop-in with the same methods
-    (bench.py's re-prefilling baselines). `privileged` = 'system' or 'turn' lets the *policy* see
-    the hidden concerns (the pilot study's privileged policy); trajectories are then not student
-    views and must not be trained on. `teacher_placement` ('system' | 'turn'), when the trainer will
-    build the privileged teacher view, makes `rollout.max_context` bound that longer view too."""
+    """G = group_size dialogues per persona. Returns [Trajectory], grouped by persona (group id =
+    persona index). Dialogues advance together in waves of at most `wave_rows(...)` (whole persona
+    groups; on the CPU one wave), which bounds the KV-cache memory of a large step. `decoder` is
+    KVBatch or a drop-in with the same methods (bench.py's re-prefilling baselines). `privileged` =
+    'system' or 'turn' lets the *policy* see the hidden concerns (the pilot study's privileged
+    policy); trajectories are then not student views and must not be trained on. `teacher_placement`
+    ('system' | 'turn'), when the trainer will build the privileged teacher view, makes
+    `rollout.max_context` bound that longer view too."""
+    per_wave = max(1, wave_rows(model, rollout_cfg) // group_size)
+    generator = device_generator(seed, model)
+    trajs = []
+    for start in range(0, len(persona_list), per_wave):
+        groups = list(enumerate(persona_list))[start:start + per_wave]
+        dialogues = [(g, p) for g, p in groups for _ in range(group_size)]
+        trajs += _play(model, tokenizer, simulator, dialogues, rollout_cfg, seed, progress, decoder, privileged,
+                       teacher_placement, generator)
+    return trajs
+
+
+def _play(model, tokenizer, simulator, dialogues, rollout_cfg, seed, progress, decoder, privileged,
+          teacher_placement, generator):
+    """One wave: the dialogues [(group id, persona)] advanced together, turn by turn."""
     eos, closing = lm.end_of_turn_ids(tokenizer)
     stops = lm.stop_ids(tokenizer, model)
     header = lm.encode(tokenizer, lm.generation_header(tokenizer))
-    dialogues = [(g, p) for g, p in enumerate(persona_list) for _ in range(group_size)]
     openings = simulator.reset([p for _, p in dialogues], seed=seed)
     policy = decoder(model, tokenizer.pad_token_id, adapter=True)
     trajs, note_len = [], []
@@ -379,7 +427,6 @@ def run(model, tokenizer, simulator, persona_list, rollout_cfg, group_size=1, se
         _user_turn(t, tokenizer, opening, header, note if privileged == "turn" else None)
         policy.add(i, t.ids)
         trajs.append(t)
-    generator = device_generator(seed, model)
     max_context = rollout_cfg["max_context"]
 
     def teacher_extra(i):  # tokens the privileged view adds to dialogue i so far

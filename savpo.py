@@ -316,15 +316,14 @@ class Trainer:
         """Rollouts for one step (G per persona), with the model in eval mode and no gradient."""
         self.model.eval()
         t0 = time.perf_counter()
-        aopsd = self.cfg["aopsd"]
+        aopsd, sim_before = self.cfg["aopsd"], self.simulator.stats["generated_tokens"]
         trajs = rollout.run(self.model, self.tokenizer, self.simulator, self.personas_for(step),
                             self.cfg["rollout"], group_size=self.cfg["train"]["group_size"],
                             seed=self.cfg["seed"] * 100_003 + step,
                             teacher_placement=aopsd["placement"] if aopsd["coef"] > 0 else None)
         seconds = time.perf_counter() - t0
-        # policy tokens + the simulator's own lines (its decoder is made anew by every reset)
-        generated = sum(sum(t.agent_mask) for t in trajs) + getattr(getattr(self.simulator, "view", None),
-                                                                     "generated_tokens", 0)
+        # policy tokens + the simulator's own lines
+        generated = sum(sum(t.agent_mask) for t in trajs) + self.simulator.stats["generated_tokens"] - sim_before
         return trajs, seconds, generated
 
     def advantages(self, trajs):

@@ -183,7 +183,7 @@ class CognitiveUserSimulator:
                           "llm": lambda: A.LLMAppraiser(model, tokenizer, self.rules)}.get(kind, lambda: None)()
         self.seed, self.decoder = seed, decoder
         self.stats = {"turns": 0, "parse_failures": 0, "role_inversions": 0, "empty_turns": 0,
-                      "inconsistent_lines": 0, "truncated_lines": 0}
+                      "inconsistent_lines": 0, "truncated_lines": 0, "generated_tokens": 0}
 
     # -- prompts -----------------------------------------------------------------------------
     def _system_prompt(self, persona):
@@ -347,11 +347,13 @@ class CognitiveUserSimulator:
                 self.view.extend(i, closing)
             text = f"{agent_msgs[i].strip()}\n\n[{self._instruction(self.personas[i], self.states[i])}]"
             self.view.extend(i, lm.flat_message_ids(tok, "user", text) + header)
-        outs = self.view.generate(self.cfg["max_new_tokens"], {eos}, temperature=self.cfg["temperature"],
+        stops = lm.stop_ids(tok, self.model)
+        outs = self.view.generate(self.cfg["max_new_tokens"], stops, temperature=self.cfg["temperature"],
                                   top_p=self.cfg["top_p"], generator=self.generator)
+        self.stats["generated_tokens"] += sum(len(outs[i][0]) for i in live)
         for i in live:
             tokens, _ = outs[i]
-            ended = bool(tokens) and tokens[-1] == eos
+            ended = bool(tokens) and tokens[-1] in stops      # another stop token is rewritten to the template's
             raw = tok.decode(tokens[:-1] if ended else tokens, skip_special_tokens=True)
             line = re.split(r"\n\s*\n|<\|", raw)[0].strip()  # one paragraph, no stray markers
             problem = None
@@ -366,7 +368,7 @@ class CognitiveUserSimulator:
             if problem:
                 self.stats[problem] += 1
                 line = self._template_line(self.personas[i], self.states[i], self.rngs[i])
-            if problem or not ended or line != raw:
+            if problem or not ended or line != raw or tokens[-1] != eos:
                 # keep the simulator's own view equal to what the user actually said
                 self.view.rollback(i, len(tokens))
                 self.view.extend(i, lm.encode(tok, line) + [eos])

@@ -293,3 +293,19 @@ def test_a_separately_named_simulator_model(tiny_dir, tmp_path, tokenizer):
     assert trainer.simulator.model is not trainer.model
     trajs, _, _ = trainer.collect(0)
     assert all(t.states for t in trajs)
+
+
+def test_a_written_random_model_runs_the_main_job_and_logs_the_time_split(tmp_path):
+    """The GPU smoke path (`bench.py --arch A --write-model DIR`, then savpo.py on DIR), on the CPU with
+    the tiny test architecture: no download, and metrics.jsonl carries the step's time split and peak
+    memory."""
+    import bench
+    folder = bench.write_model("tiny-qwen3", str(tmp_path / "tiny-qwen3"))
+    out = tmp_path / "run"
+    savpo.main([f"model.name_or_path={folder}", f"out_dir={out}", "train.steps=1", "train.personas_per_step=1",
+                "train.group_size=2", "rollout.max_new_tokens=4", "simulator.max_turns=1", "personas.eval_n=1",
+                "simulator.appraiser=lexical"])
+    record = json.loads(open(out / "metrics.jsonl").readline())
+    for key in ("rollout_s", "teacher_s", "update_s", "step_s", "peak_mem_gb", "rollout_tok_s"):
+        assert record[key] >= 0, key
+    assert record["step_s"] >= record["rollout_s"] + record["update_s"] - 0.2
