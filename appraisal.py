@@ -476,7 +476,7 @@ def main(argv=None):
         results[kind] = {"ms_per_turn": round(1000 * (time.perf_counter() - t0) / len(items), 1), **scores(items, preds)}
     labels = ("probe", "addresses", "open_probe", "push", "off_topic")
     print(f"{len(items)} labelled agent turns ({os.path.relpath(args.labels)}); P / R / F1 per label")
-    print(f"| appraiser | ms/turn | " + " | ".join(labels) + " |")
+    print("| appraiser | ms/turn | " + " | ".join(labels) + " |")
     print("|---|---|" + "---|" * len(labels))
     for kind, r in results.items():
         cells = [f"{r[x]['precision']:.2f} / {r[x]['recall']:.2f} / **{r[x]['f1']:.2f}**" for x in labels]

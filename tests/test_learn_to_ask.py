@@ -7,8 +7,11 @@ import pytest
 import torch
 
 import config
+import ask_data as D
+import ask_reward as R
 import learn_to_ask as L
 import lm
+import personas as P
 from conftest import make_tiny_model
 
 
@@ -29,7 +32,7 @@ SESSION = {"session_id": "s1", "domain": "merchant_recruitment",
 
 
 def test_split_full_prefix_stop_continue_and_empty_info_drop():
-    samples = L.split_session(SESSION)
+    samples = D.split_session(SESSION)
     msgs = SESSION["messages"]
     # cuts after each run of user messages: indices 2, 5 (two user messages together), 7, 9
     assert [len(s["context"]) for s in samples] == [2, 5, 7, 9]
@@ -39,9 +42,9 @@ def test_split_full_prefix_stop_continue_and_empty_info_drop():
     assert samples[0]["info_ids"] == ["commission_fees", "contract_lockin"]
     assert samples[1]["info_truth"] == ["lock-in"]             # text from hidden_concerns
     assert samples[2]["info_truth"] == []                      # only the push remains
-    kept, dropped = L.drop_empty(samples)
+    kept, dropped = D.drop_empty(samples)
     assert dropped == 1 and [s["sample_id"] for s in kept] == ["s1#0", "s1#1", "s1#3"]
-    assert L.split_session(SESSION, labels=False)[0]["info_truth"] is None     # left to the llm extractor
+    assert D.split_session(SESSION, labels=False)[0]["info_truth"] is None     # left to the llm extractor
 
 
 def test_read_logs_names_file_and_line_skips_or_refuses(tmp_path):
@@ -49,21 +52,21 @@ def test_read_logs_names_file_and_line_skips_or_refuses(tmp_path):
     path.write_text(json.dumps(SESSION) + "\n{not json\n" + json.dumps({"session_id": "x"}) + "\n\n"
                     + json.dumps({**SESSION, "session_id": "s2", "messages": [{"role": "bot", "content": "hi"}]}) + "\n")
     seen = []
-    sessions, problems = L.read_logs(str(path), "skip", log=seen.append)
+    sessions, problems = D.read_logs(str(path), "skip", log=seen.append)
     assert [s["session_id"] for s in sessions] == ["s1"]
     assert [p.split(": ")[0] for p in problems] == [f"{path}:2", f"{path}:3", f"{path}:5"]
     assert "messages" in problems[1] and "role" in problems[2] and len(seen) == 3
-    with pytest.raises(L.LogError, match=f"{path}:2: not valid JSON"):
-        L.read_logs(str(path), "refuse")
-    with pytest.raises(L.LogError, match="does not exist"):
-        L.read_logs(str(tmp_path / "missing.jsonl"))
+    with pytest.raises(D.LogError, match=f"{path}:2: not valid JSON"):
+        D.read_logs(str(path), "refuse")
+    with pytest.raises(D.LogError, match="does not exist"):
+        D.read_logs(str(tmp_path / "missing.jsonl"))
 
 
 def test_llm_extractor_output_is_parsed_robustly():
-    assert L.parse_info_list("commission fees\n- contract lock-in\n2) Commission fees\n* 'packaging'\n") == \
+    assert D.parse_info_list("commission fees\n- contract lock-in\n2) Commission fees\n* 'packaging'\n") == \
         ["commission fees", "contract lock-in", "packaging"]
-    assert L.parse_info_list("none\n- None.\n1. 2. 3.") == []
-    assert L.parse_info_list("soggy food\n- 2. Soggy food\n- 3. late rider") == ["soggy food", "late rider"]
+    assert D.parse_info_list("none\n- None.\n1. 2. 3.") == []
+    assert D.parse_info_list("soggy food\n- 2. Soggy food\n- 3. late rider") == ["soggy food", "late rider"]
 
 
 # ----------------------------------------------------------------------------- parser and reward
@@ -82,7 +85,7 @@ def test_llm_extractor_output_is_parsed_robustly():
     ("Is the commission a worry?", ("malformed", "", "")),
 ])
 def test_strict_parser(text, expected):
-    assert L.parse_action(text) == expected
+    assert R.parse_action(text) == expected
 
 
 @pytest.mark.parametrize("truth,kind,fmt,content,expected", [
@@ -98,9 +101,9 @@ def test_strict_parser(text, expected):
     ("stop", "malformed", 0.0, 0.0, (0.0, 0.0, 0.0, 0.0)),
 ])
 def test_reward_every_mode(truth, kind, fmt, content, expected):
-    got = tuple(L.reward(truth, kind, fmt, content, mode)[0] for mode in ("default", "sum", "Ra", "Rs"))
+    got = tuple(R.reward(truth, kind, fmt, content, mode)[0] for mode in ("default", "sum", "Ra", "Rs"))
     assert got == pytest.approx(expected)
-    assert L.reward(truth, kind, fmt, content, "default", beta=1.0)[0] <= expected[0]
+    assert R.reward(truth, kind, fmt, content, "default", beta=1.0)[0] <= expected[0]
 
 
 def test_grader_is_called_only_when_truth_and_prediction_continue():
@@ -112,11 +115,11 @@ def test_grader_is_called_only_when_truth_and_prediction_continue():
     cont = {"decision_truth": "continue", "info_truth": ["x"], "info_ids": [], "domain": None, "context": []}
     stop = {**cont, "decision_truth": "stop"}
     q = "<action>Any worry?</action><state>s</state>"
-    records = L.score([cont, cont, stop, stop], [q, "<action><stop/></action><state>s</state>", q, "junk"], grade,
+    records = R.score([cont, cont, stop, stop], [q, "<action><stop/></action><state>s</state>", q, "junk"], grade,
                       {"reward": "default", "beta": 2.0, "reward_parse": "strict"})
     assert len(calls) == 1 and calls[0]["question"] == "Any worry?"
     assert [r["R"] for r in records] == [3.0, 0.0, 0.0, 0.0]
-    m = L.summarize(records)
+    m = R.summarize(records)
     assert m["continue_acc"] == 0.5 and m["stop_acc"] == 0.0 and m["decision_acc"] == 0.25
     assert m["content_mean"] == 0.25 and m["win_rate"] == 0.0 and m["malformed"] == 0.25
 
@@ -135,10 +138,10 @@ def test_grader_is_called_only_when_truth_and_prediction_continue():
 def test_published_reward_rule_case_table(truth, text, expected_kind, expected_R):
     sample = {"decision_truth": truth, "info_truth": ["x"], "info_ids": [], "domain": None, "context": []}
     lt = {"reward": "default", "beta": 2.0, "reward_parse": "published"}
-    record = L.score([sample], [text], lambda items: [(1.0, 0.5)] * len(items), lt)[0]
+    record = R.score([sample], [text], lambda items: [(1.0, 0.5)] * len(items), lt)[0]
     assert record["kind"] == expected_kind and record["R"] == expected_R
-    strict = L.score([sample], [text], lambda items: [(1.0, 0.5)] * len(items), {**lt, "reward_parse": "strict"})[0]
-    assert strict["R"] == (expected_R if L.parse_action(text)[0] != "malformed" else 0.0)
+    strict = R.score([sample], [text], lambda items: [(1.0, 0.5)] * len(items), {**lt, "reward_parse": "strict"})[0]
+    assert strict["R"] == (expected_R if R.parse_action(text)[0] != "malformed" else 0.0)
 
 
 # ----------------------------------------------------------------------------- graders
@@ -152,12 +155,12 @@ def test_published_reward_rule_case_table(truth, text, expected_kind, expected_R
     ("Tell me about the commission.", ["commission_fees"], "merchant_recruitment", (0.0, 1.0)),
 ])
 def test_proxy_grader(question, ids, domain, expected):
-    assert L.proxy_grade(question, ids, [], domain) == expected
+    assert R.proxy_grade(question, ids, [], domain) == expected
 
 
 def test_proxy_grader_without_a_domain_bank_uses_reference_words():
-    assert L.proxy_grade("Does the headache get worse at night?", [], ["headache: severe, at night"], None) == (1.0, 1.0)
-    assert L.proxy_grade("Any fever?", [], ["headache: severe"], None) == (1.0, 0.0)
+    assert R.proxy_grade("Does the headache get worse at night?", [], ["headache: severe, at night"], None) == (1.0, 1.0)
+    assert R.proxy_grade("Any fever?", [], ["headache: severe"], None) == (1.0, 0.0)
 
 
 def test_cohen_kappa_hand_computed():
@@ -165,17 +168,17 @@ def test_cohen_kappa_hand_computed():
     b = [1, 1, 0.5, 0.5, 0, 1, 1, 0]
     # p_o = 6/8; marginals a: 1 -> 4, 0.5 -> 1, 0 -> 3; b: 1 -> 4, 0.5 -> 2, 0 -> 2
     p_e = (4 * 4 + 1 * 2 + 3 * 2) / 64
-    assert L.cohen_kappa(a, b) == pytest.approx((0.75 - p_e) / (1 - p_e))
-    assert L.cohen_kappa(a, a) == 1.0
-    assert L.cohen_kappa([1, 0, 1, 0], [1, 1, 0, 0]) == pytest.approx(0.0)
+    assert R.cohen_kappa(a, b) == pytest.approx((0.75 - p_e) / (1 - p_e))
+    assert R.cohen_kappa(a, a) == 1.0
+    assert R.cohen_kappa([1, 0, 1, 0], [1, 1, 0, 0]) == pytest.approx(0.0)
 
 
 def test_shipped_grader_labels_and_proxy_calibration(tmp_path):
-    items = L.read_labels("data/grader_labels.jsonl")
+    items = R.read_labels("data/grader_labels.jsonl")
     assert len(items) >= 50 and len({it["domain"] for it in items}) == 3
     assert {it["content"] for it in items} == {0, 0.5, 1} and {it["format"] for it in items} == {0, 0.5, 1}
     cfg = config.load(None, [f"learn_to_ask.out_dir={tmp_path}"])
-    L.calibrate(cfg)
+    R.calibrate(cfg)
     table = (tmp_path / "calibration.md").read_text()
     assert "| proxy |" in table and not (tmp_path / "calibration.json").exists()   # nothing to choose among
 
@@ -184,37 +187,37 @@ def test_llm_grader_reads_scores_from_letter_logprobs(tokenizer):
     model = make_tiny_model(tokenizer)
     items = [{"question": "Is the commission a worry?", "reference": ["commission fees"], "context": "Hello?"},
              {"question": "Football?", "reference": ["contract"], "context": "Hi"}]
-    lp = L.choice_logprobs(model, tokenizer, [L.grader_prompt("rubric", items[0], "content")])
+    lp = R.choice_logprobs(model, tokenizer, [R.grader_prompt("rubric", items[0], "content")])
     assert lp.shape == (1, 3) and lp.exp().sum().item() == pytest.approx(1.0, abs=1e-5)
-    raw, bias = L.llm_scores(model, tokenizer, items, "short")
+    raw, bias = R.llm_scores(model, tokenizer, items, "short")
     for variant in ("short", "short+cal"):
-        grades = L.llm_grade(model, tokenizer, items, variant)
-        assert all(f in L.SCORES and c in L.SCORES for f, c in grades)
+        grades = R.llm_grade(model, tokenizer, items, variant)
+        assert all(f in R.SCORES and c in R.SCORES for f, c in grades)
         lp = raw - bias if variant.endswith("+cal") else raw
-        assert [g[1] for g in grades] == [L.SCORES[int(i)] for i in lp[:, 1].argmax(-1)]
+        assert [g[1] for g in grades] == [R.SCORES[int(i)] for i in lp[:, 1].argmax(-1)]
 
 
 # ----------------------------------------------------------------------------- expert logs
 
 def test_expert_logs_probe_every_hidden_concern_with_exact_labels(tmp_path):
     cfg = config.load(None, [f"learn_to_ask.logs={tmp_path}/logs.jsonl", "learn_to_ask.log_sessions=6"])
-    L.make_logs(cfg)
-    sessions, problems = L.read_logs(str(tmp_path / "logs.jsonl"))
+    D.make_logs(cfg)
+    sessions, problems = D.read_logs(str(tmp_path / "logs.jsonl"))
     assert len(sessions) == 6 and not problems and len({s["domain"] for s in sessions}) == 3
     for s in sessions:
         probed = [p for m in s["messages"] for p in m.get("probes", [])]
         assert set(probed) == set(s["hidden_concerns"])             # every concern, nothing else
         assert s["messages"][-1]["role"] == "user"
-        samples, _ = L.drop_empty(L.split_session(s))
+        samples, _ = D.drop_empty(D.split_session(s))
         assert samples[-1]["decision_truth"] == "stop" and samples[0]["info_ids"] == list(dict.fromkeys(probed))
         assert all(x["decision_truth"] == "continue" for x in samples[:-1])
 
 
 def test_expert_questions_are_checked():
     good = {"merchant_recruitment": {c["id"]: ["Is the commission a worry?", "Any margin worry?"]
-                                     for c in L.P.load_bank("merchant_recruitment")["concerns"]}}
-    with pytest.raises(L.LogError, match="hidden_deductions"):
-        L.check_questions(good, ["merchant_recruitment"], "q.yaml")     # commission cue, not hidden's
+                                     for c in P.load_bank("merchant_recruitment")["concerns"]}}
+    with pytest.raises(D.LogError, match="hidden_deductions"):
+        D.check_questions(good, ["merchant_recruitment"], "q.yaml")     # commission cue, not hidden's
 
 
 # ----------------------------------------------------------------------------- sampling and GRPO
