@@ -463,8 +463,12 @@ def main(argv=None):
     parser.add_argument("--labels", default=os.path.join(P.DOMAIN_DIR, "..", "appraisal_labels.jsonl"))
     parser.add_argument("--appraisers", default="lexical,semantic,llm")
     parser.add_argument("--json", action="store_true", help="also print the results as one JSON line")
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. model.name_or_path=PATH for llm")
     args = parser.parse_args(argv)
-    cfg = config.load()
+    try:
+        cfg = config.load(None, args.overrides)
+    except config.ConfigError as e:
+        raise SystemExit(f"config error: {e}")
     items = read_labels(args.labels)
     model = tokenizer = None
     results = {}

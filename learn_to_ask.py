@@ -35,7 +35,6 @@ import hashlib
 import json
 import os
 import random
-import re
 import time
 
 import torch

@@ -161,7 +161,7 @@ def stpr_advantages(final_rewards, delta_w, groups, mode="direction", beta=0.5, 
     delta_w       [ (K_i,) ]  willingness change caused by each agent turn of trajectory i
     groups        (N,)        group id (rollouts of the same persona)
     mode: 'direction' A_ik = |A_i| sign(dw_ik), sign(A_i) where dw_ik = 0   (SAVPO's STPR)
-          'additive'  A_ik = A_i + beta * dw_ik / (std of all dw + eps)
+          'additive'  A_ik = A_i + beta * dw_ik / rms(all dw of the step)
           'outcome'   A_ik = A_i                                           (plain GRPO)
     with A_i = (R_i - mean_G R) / (std_G R + eps), population std within the group (the group is
     the whole population of the persona's rollouts, as in GRPO/TRL). The statistics are computed in
@@ -183,8 +183,11 @@ def stpr_advantages(final_rewards, delta_w, groups, mode="direction", beta=0.5, 
         if r.max() > r.min():   # equal rewards: no contrast, exactly 0
             adv[sel] = (r - r.mean()) / (r.std(unbiased=False) + eps)
     adv = adv.float()
+    # the additive term's unit: the root mean square of the step's willingness shifts (not their std,
+    # which is 0 when every turn moved the same way -- e.g. all off-topic -- and would blow dw up)
     all_dw = torch.cat([d.float() for d in delta_w]) if delta_w else torch.zeros(0)
-    dw_scale = all_dw.std(unbiased=False) + eps if all_dw.numel() > 1 else 1.0
+    rms = float(all_dw.pow(2).mean().sqrt()) if all_dw.numel() else 0.0
+    dw_scale = rms + eps if rms > 0 else 1.0
     per_turn = []
     for a, dw in zip(adv, delta_w):
         dw = dw.float()

@@ -55,6 +55,25 @@ def make_tiny_arch(tokenizer, arch, seed=0):
     return model
 
 
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, tokenizer):
+    """A saved tiny random Llama (with the real tokenizer): what `model.name_or_path` points the trainer at."""
+    path = tmp_path_factory.mktemp("tiny")
+    make_tiny_model(tokenizer).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def tiny_cfg(tiny_dir, out, *extra):
+    """A two-step run on the tiny model: 2 personas x G = 2, 6 tokens a turn, 2 turns, bank lines and the
+    lexical appraiser (no encoder to load), a checkpoint every step."""
+    return config.load(None, [f"model.name_or_path={tiny_dir}", f"out_dir={out}", "train.steps=2",
+                              "train.personas_per_step=2", "train.group_size=2", "train.micro_batch=2",
+                              "rollout.max_new_tokens=6", "simulator.max_turns=2", "simulator.utterance=template",
+                              "simulator.appraiser=lexical", "personas.eval_n=2", "train.save_every=1",
+                              "train.lr=1e-2", "aopsd.placement=system", *extra])
+
+
 @pytest.fixture
 def tiny_model(tokenizer):
     return make_tiny_model(tokenizer)

@@ -9,14 +9,13 @@ import signal
 import pytest
 import torch
 
-import config
 import eval as evaluation
 import lm
 import personas as P
 import rollout
 import savpo
 import simulator as S
-from conftest import make_tiny_arch, make_tiny_model
+from conftest import make_tiny_arch, make_tiny_model, tiny_cfg
 
 
 def template_simulator(cfg, max_turns=2, endless=False):
@@ -62,22 +61,6 @@ def test_selected_logits_is_the_models_own_forward(tokenizer):
         got = lm.selected_logits(model, rows, (torch.tensor([0, 0]), torch.tensor([1, 4])))
     torch.testing.assert_close(got, full[[1, 4]])
     assert float(got.abs().max()) <= 2.0     # Gemma-2's final soft-cap (2.0 here) was applied
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, tokenizer):
-    path = tmp_path_factory.mktemp("tiny_c")
-    make_tiny_model(tokenizer).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
-def tiny_cfg(tiny_dir, out, *extra):
-    return config.load(None, [f"model.name_or_path={tiny_dir}", f"out_dir={out}", "train.steps=2",
-                              "train.personas_per_step=2", "train.group_size=2", "train.micro_batch=2",
-                              "rollout.max_new_tokens=6", "simulator.max_turns=2", "simulator.utterance=template",
-                              "simulator.appraiser=lexical", "personas.eval_n=2", "train.save_every=1",
-                              "train.lr=1e-2", "aopsd.placement=system", *extra])
 
 
 def test_first_ratio_is_exactly_one_in_bfloat16(tiny_dir, tmp_path):

@@ -222,14 +222,6 @@ def test_expert_questions_are_checked():
 
 # ----------------------------------------------------------------------------- sampling and GRPO
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, tokenizer):
-    path = tmp_path_factory.mktemp("tiny_lta")
-    make_tiny_model(tokenizer).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
 def test_grpo_update_raises_the_likelihood_of_rewarded_completions(tokenizer):
     cfg = config.load(None, ["learn_to_ask.lr=5e-2"])
     lt = cfg["learn_to_ask"]
