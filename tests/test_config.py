@@ -25,7 +25,7 @@ def test_overrides_are_typed_and_presets_apply():
 ])
 def test_bad_config_gives_one_clear_sentence(override, words):
     with pytest.raises(config.ConfigError) as err:
-        config.load(None, [override])
+        config.load(None, override.split())
     message = str(err.value)
     assert "\n" not in message
     for w in words:
@@ -62,12 +62,12 @@ def test_from_argv_splits_flags_and_overrides(tmp_path):
     ("rollout.max_new_tokens=0", "rollout.max_new_tokens", ">= 1"),
     ("learn_to_ask.group_size=1", "learn_to_ask.group_size", ">= 2"),
     ("learn_to_ask.test_fraction=1", "learn_to_ask.test_fraction", "[0, 1)"),
-    ("train.group_size=1", "train.group_size", ">= 2"),
+    ("train.group_size=1 stpr.mode=direction", "train.group_size", ">= 2"),
     ("rollout.max_new_tokens=4096", "rollout.max_new_tokens", "< rollout.max_context"),
 ])
 def test_out_of_range_values_name_the_key_and_the_range(override, key, allowed):
     with pytest.raises(config.ConfigError) as err:
-        config.load(None, [override])
+        config.load(None, override.split())
     message = str(err.value)
     assert "\n" not in message and f"'{key}'" in message and allowed in message
 
@@ -93,7 +93,7 @@ def test_yaml_syntax_error_names_file_line_and_column(tmp_path):
 
 
 @pytest.mark.parametrize("args", [["train.lr=-1"], ["rollout.temperature=-1"], ["train.steps=0"],
-                                  ["train.group_size=1"], ["--config", "BAD"]])
+                                  ["train.group_size=1", "stpr.mode=direction"], ["--config", "BAD"]])
 def test_savpo_cli_refuses_before_writing_anything(tmp_path, args):
     import savpo
     out = tmp_path / "run"

@@ -19,7 +19,7 @@ class RiggedSimulator:
     it starts with one of `winning` words, reject otherwise (willingness +1 / -1)."""
 
     def __init__(self, winning, max_turns=1):
-        self.winning, self.cfg, self.stats = tuple(winning), {"max_turns": max_turns}, {}
+        self.winning, self.cfg, self.stats = tuple(winning), {"max_turns": max_turns}, {"generated_tokens": 0}
 
     def reset(self, persona_list, seed=None):
         self.personas = list(persona_list)
