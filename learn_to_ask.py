@@ -312,14 +312,23 @@ def evaluate(cfg, adapter=None):
     per_sample = {s["sample_id"]: sum(r["R"] for r in records[i * n:(i + 1) * n]) / n for i, s in enumerate(samples)}
     label = f"trained ({adapter})" if adapter else "base"
     base = _load_report(cfg, "eval").get("base", {}).get("per_sample_reward")
-    if adapter and base:   # paired over the same test samples: a trained policy minus the base
-        import eval as evaluation
-        common = sorted(set(base) & set(per_sample))
-        result["reward_minus_base"] = evaluation.bootstrap([per_sample[k] - base[k] for k in common])
+    if adapter and base:
+        result["reward_minus_base"] = session_difference(base, per_sample)
     table = _report(cfg, "eval", label, {**result, "per_sample_reward": per_sample}, list(result))
     print(f"{len(samples)} test samples x {n} rollouts, grader {lt['grader']}, reward {lt['reward']}; "
           f"examples: {texts[:2]}\n{table}")
     return result
+
+
+def session_difference(base, trained):
+    """[mean, low, high] of trained - base reward, paired over the same test samples ({sample_id:
+    mean reward}), with the session (one customer, sample ids "SESSION#k") as the unit of the 95%
+    bootstrap interval: a session's samples share a customer, so they are not independent draws."""
+    import eval as evaluation
+    sessions = {}
+    for k in sorted(set(base) & set(trained)):
+        sessions.setdefault(k.rsplit("#", 1)[0], []).append(trained[k] - base[k])
+    return evaluation.bootstrap([sum(d) / len(d) for d in sessions.values()])
 
 
 def play(cfg, adapter=None):

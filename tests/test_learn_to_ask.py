@@ -290,3 +290,12 @@ def test_two_step_training_eval_play_and_cli_on_a_tiny_model(tiny_dir, tmp_path)
     assert played["dialogues"] == 3 and played["stop_no_stop"] == 1.0 and played["malformed_turns"] >= 3
     with pytest.raises(SystemExit, match="unknown config key 'learn_to_ask.stepz'"):
         L.main(["train", "learn_to_ask.stepz=1"])
+
+
+def test_reward_difference_is_paired_and_bootstrapped_over_sessions():
+    base = {"a#0": 1.0, "a#1": 1.0, "b#2": 0.0, "c#3": 2.0, "only-base#4": 9.0}
+    trained = {"a#0": 2.0, "a#1": 4.0, "b#2": 0.0, "c#3": 2.0, "only-trained#5": -9.0}
+    mean, low, high = L.session_difference(base, trained)
+    assert mean == pytest.approx((2.0 + 0.0 + 0.0) / 3, abs=1e-4)   # session a's two samples count once
+    assert low == 0.0 and high == 2.0                        # a resample of three sessions
+    assert L.session_difference(base, base) == [0.0, 0.0, 0.0]
