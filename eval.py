@@ -410,8 +410,9 @@ def compare(config_path, overrides, seeds, n_personas, n, out, algos=ALGOS):
     from peft import PeftModel
     for k, ((algo, seed), path) in enumerate(adapters.items()):
         name = f"{algo}_seed{seed}"
-        model = PeftModel.from_pretrained(model, path, adapter_name=name) if k == 0 else model
-        if k:
+        if k == 0:
+            model = PeftModel.from_pretrained(model, path, adapter_name=name)
+        else:
             model.load_adapter(path, adapter_name=name)
         model.set_adapter(name)
         play_table(name)
@@ -425,7 +426,8 @@ def compare(config_path, overrides, seeds, n_personas, n, out, algos=ALGOS):
                                                   / len(personas), 4) for m in METRICS} for s in seeds}
                      if name in algos else None} for name, table in rows.items()}
     with open(os.path.join(out, "compare.json"), "w") as f:
-        json.dump({"personas": len(personas), "samples": n, "seeds": list(seeds), "results": result}, f, indent=1)
+        json.dump({"personas": len(personas), "samples": n, "seeds": list(seeds), "results": result,
+                   "per_persona": tables}, f, indent=1)   # per_persona: for any other paired difference
     lines = [f"# {len(personas)} held-out personas x {n} samples; trained presets averaged over seeds "
              f"{', '.join(map(str, seeds))} per persona; 95% bootstrap intervals over personas", "",
              "| policy | success | pass@k | reveal | resolve | reveal minus base | success minus base |",

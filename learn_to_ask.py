@@ -42,6 +42,7 @@ import torch
 import ask_data as D
 import ask_reward as R
 import config
+import eval as evaluation
 import lm
 import personas as P
 import rollout
@@ -324,7 +325,6 @@ def session_difference(base, trained):
     """[mean, low, high] of trained - base reward, paired over the same test samples ({sample_id:
     mean reward}), with the session (one customer, sample ids "SESSION#k") as the unit of the 95%
     bootstrap interval: a session's samples share a customer, so they are not independent draws."""
-    import eval as evaluation
     sessions = {}
     for k in sorted(set(base) & set(trained)):
         sessions.setdefault(k.rsplit("#", 1)[0], []).append(trained[k] - base[k])
