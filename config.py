@@ -56,6 +56,8 @@ RANGES = {
     "simulator.rules.push_penalty": ">= 0", "simulator.rules.offtopic_penalty": ">= 0",
     "simulator.rules.accept_threshold": "[0, 4]", "simulator.rules.reject_threshold": "[-4, 4]",
     "simulator.rules.max_agent_words": ">= 1", "simulator.rules.max_topics": ">= 1",
+    "simulator.rules.false_claim_penalty": ">= 0", "simulator.rules.false_claims_to_reject": ">= 1",
+    "simulator.rules.incoherent_penalty": ">= 0", "simulator.rules.ignore_penalty": ">= 0",
     "rollout.max_new_tokens": ">= 1", "rollout.temperature": ">= 0", "rollout.top_p": "(0, 1]",
     "rollout.max_context": ">= 2", "rollout.wave_rows": ">= 0",
     "train.steps": ">= 1", "train.personas_per_step": ">= 1", "train.group_size": ">= 1", "train.epochs": ">= 1",

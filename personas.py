@@ -79,7 +79,8 @@ _BANK_FIELDS = {"name": str, "title": str, "agent": dict, "user_role": str, "ope
                 "topic_cues": list, "templates": dict, "strata": dict}
 _CONCERN_FIELDS = {"id": str, "category": str, "statement": str, "probe_cues": list,
                    "resolve_cues": list, "resolution": str, "severity": list, "disclosure": str}
-_TEMPLATE_KINDS = ("neutral", "probe_no_concern", "resolved", "accept", "reject", "hangup")
+_TEMPLATE_KINDS = ("neutral", "probe_no_concern", "resolved", "accept", "reject", "hangup", "false_claim", "incoherent",
+                   "ignored")
 _BANK_CACHE = {}
 
 
@@ -118,6 +119,10 @@ def validate_bank(bank, path):
         _need(c["probe_cues"] and c["resolve_cues"], path, f"concerns[{i}].probe_cues/resolve_cues",
               "must be non-empty")
         _need(c["id"] not in ids, path, f"concerns[{i}].id", f"'{c['id']}' is a duplicate")
+        truth = c.get("truth", {})
+        _need(isinstance(truth, dict) and set(truth) <= {"denies", "asserts"} and all(
+            isinstance(v, list) and all(isinstance(x, str) and x.strip() for x in v) for v in truth.values()),
+            path, f"concerns[{i}].truth", "must be a mapping with optional 'denies' and 'asserts' lists of phrases")
         ids.add(c["id"])
     _need(max(strata["n_concerns"]) <= len(bank["concerns"]), path, "strata.n_concerns",
           "asks for more concerns than the library holds")
