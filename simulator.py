@@ -77,6 +77,7 @@ class UserState:
     decision: str = "continue"      # continue | accept | reject | hangup | timeout
     turn: int = 0                   # agent turns so far
     delta_willingness: float = 0.0  # change caused by the latest agent turn (STPR's direction)
+    false_claims_caught: int = 0    # agent turns so far that contradicted the bank's facts
     events: dict = dataclasses.field(default_factory=dict)  # the latest appraisal + what changed
 
     def to_dict(self):
@@ -93,16 +94,29 @@ def initial_state(persona, rules):
 
 def transition(state, persona, appraisal, rules, max_turns):
     """The documented rule (module docstring). Pure: returns a new state. `appraisal` is appraisal.py's
-    dict: {"probed": ids, "addressed": ids (any concern of the bank), "open_probe", "push",
-    "off_topic", "too_long"}."""
+    dict: {"probed": ids, "addressed": ids (any concern of the bank), "open_probe", "push", "off_topic",
+    "too_long", "false_claims": ids whose fact the turn contradicts, "about": ids the turn talks about,
+    "incoherent": reasons the simulator found (speaks_for_callee, repeats_itself)}."""
     s = copy.deepcopy(state)
     s.turn += 1
     w0 = s.willingness
     mine = {c.id for c in persona.concerns}
+    false = set(appraisal.get("false_claims", ()))
+    incoherent = list(appraisal.get("incoherent", ()))
+    # the worry the callee voiced in reply to the previous turn: a turn that neither answers it, asks about
+    # it nor talks about it (a false answer is still an answer) ignores it
+    just_voiced = {c for c in state.events.get("revealed", ()) if s.concern_status[c] == "revealed"}
+    heard = appraisal["addressed"] | appraisal["probed"] | set(appraisal.get("about", ())) | false
+    if just_voiced and not just_voiced & heard and not incoherent:
+        incoherent.append("ignores_worry")
+    void = bool(set(incoherent) - {"ignores_worry"})    # not a salesperson's line: it does nothing
+    if void:
+        appraisal = {**appraisal, "probed": set(), "addressed": set(), "open_probe": False, "push": False}
     checklist = len(appraisal["probed"]) > rules["max_topics"]
     pitch = len(appraisal["addressed"]) > rules["max_topics"]
     probed = set() if checklist else appraisal["probed"] & mine
     open_probe = appraisal["open_probe"] or checklist
+    listened = not incoherent                # an ignored or incoherent turn draws nothing out
     voiced_before = {cid for cid, status in s.concern_status.items() if status == "revealed"}
     revealed, resolved = [], []
 
@@ -117,13 +131,13 @@ def transition(state, persona, appraisal, rules, max_turns):
         if c.id in probed:
             s.probes[c.id] += 1
         needed = 2 if c.disclosure == "guarded" else 1
-        if s.probes[c.id] >= needed or (c.disclosure == "push" and appraisal["push"]):
+        if listened and (s.probes[c.id] >= needed or (c.disclosure == "push" and appraisal["push"])):
             reveal(c)
-    if open_probe:
+    if open_probe and listened:
         drawn = [c for c in persona.concerns if s.concern_status[c.id] == "hidden" and c.disclosure == "probe"]
         if drawn:
             reveal(max(drawn, key=lambda c: c.severity))        # the first of the most severe
-    if not pitch:
+    if not pitch and not false:              # a callee who has just caught a false claim believes nothing
         for c in persona.concerns:
             if c.id in voiced_before and c.id in appraisal["addressed"]:
                 s.concern_status[c.id] = "resolved"
@@ -134,11 +148,18 @@ def transition(state, persona, appraisal, rules, max_turns):
         s.willingness -= rules["push_penalty"]
     if appraisal["off_topic"]:
         s.willingness -= rules["offtopic_penalty"]
+    if false:
+        s.willingness -= rules["false_claim_penalty"]
+        s.false_claims_caught += 1
+    if void:
+        s.willingness -= rules["incoherent_penalty"]
+    elif incoherent:
+        s.willingness -= rules["ignore_penalty"]
     s.willingness = round(min(4.0, max(0.0, s.willingness)), 4)
     s.patience -= (0 if revealed or resolved else 1) + (1 if appraisal["too_long"] else 0)
-    if appraisal["push"] and all_resolved and s.willingness >= rules["accept_threshold"]:
+    if appraisal["push"] and all_resolved and not false and s.willingness >= rules["accept_threshold"]:
         s.decision = "accept"
-    elif s.willingness <= rules["reject_threshold"]:
+    elif s.willingness <= rules["reject_threshold"] or s.false_claims_caught >= rules["false_claims_to_reject"]:
         s.decision = "reject"
     elif s.patience <= 0:
         s.decision = "hangup"
@@ -149,8 +170,41 @@ def transition(state, persona, appraisal, rules, max_turns):
                 "open_probe": open_probe, "push": appraisal["push"], "off_topic": appraisal["off_topic"],
                 "too_long": appraisal["too_long"], "checklist": checklist, "pitch": pitch,
                 "probed_other": bool(appraisal["probed"] - mine) and not checklist,
+                "false_claims": sorted(false), "incoherent": incoherent,
+                "ignored": sorted(just_voiced) if "ignores_worry" in incoherent else [],
                 "revealed": revealed, "resolved": resolved}
     return s
+
+
+CALLEE_LABEL = re.compile(r"(^|\n|[.!?:]\s+|\s)(customer|callee|client|user|owner|rider|merchant|restaurant|"
+                          r"caller|prospect|homeowner|household|them|him|her|me)\s*:", re.I)
+CALLEE_VOICE = re.compile(r"\b(this is the (owner|customer|manager)|owner speaking|i'?m the owner|"
+                          r"i'?m (really |a bit |quite |so )?(worried|concerned|scared)|i (really )?worry)\b", re.I)
+
+
+def speaks_for_callee(agent_text, persona):
+    """Does the agent's turn speak as the callee or write the callee's part ("Customer: Hello? Sam: ...",
+    "Maria: I'm not sure", "This is the owner speaking", "I'm worried about the fees")?"""
+    first = re.escape(persona.name.split()[0])
+    names = re.compile(rf"(^|\n|[.!?:]\s+|\s)({re.escape(persona.name)}|{first})\s*:|\b(this is|i'?m|i am|my name is)\s+"
+                       rf"({re.escape(persona.name)}|{first})\b", re.I)
+    return bool(CALLEE_LABEL.search(agent_text) or CALLEE_VOICE.search(agent_text) or names.search(agent_text))
+
+
+def repeats_itself(agent_text, previous_turns):
+    """Is the turn one of the agent's earlier turns again: word for word (punctuation and case aside), or
+    nearly so (the two turns share at least 90% of their word trigrams, for turns of five or more words)?
+    Re-asking one question of a longer earlier turn is not a repeat."""
+    words = lambda s: re.findall(r"[a-z0-9']+", s.lower())
+    trigrams = lambda w: {tuple(w[k:k + 3]) for k in range(len(w) - 2)}
+    now = words(agent_text)
+    if not now:
+        return False
+    for before in map(words, previous_turns):
+        a, b = trigrams(now), trigrams(before)
+        if now == before or (len(now) >= 5 and len(a & b) >= 0.9 * len(a | b)):
+            return True
+    return False
 
 
 def echoes(line, agent_text, n=5):
@@ -183,7 +237,9 @@ class CognitiveUserSimulator:
                           "llm": lambda: A.LLMAppraiser(model, tokenizer, self.rules)}.get(kind, lambda: None)()
         self.seed, self.decoder = seed, decoder
         self.stats = {"turns": 0, "parse_failures": 0, "role_inversions": 0, "empty_turns": 0,
-                      "inconsistent_lines": 0, "truncated_lines": 0, "generated_tokens": 0}
+                      "inconsistent_lines": 0, "truncated_lines": 0, "generated_tokens": 0,
+                      # agent turns the rule read as misinformation or as not a salesperson's line
+                      "false_claims": 0, "speaks_for_callee": 0, "repeats_itself": 0, "ignores_worry": 0}
 
     # -- prompts -----------------------------------------------------------------------------
     def _system_prompt(self, persona):
@@ -206,12 +262,18 @@ class CognitiveUserSimulator:
         elif state.decision in ("hangup", "timeout"):
             parts.append("Say you have no more time and end the call.")
         else:
+            if ev["false_claims"]:
+                parts.append("Say you don't believe that: it is not what you have read about them.")
+            elif set(ev["incoherent"]) - {"ignores_worry"}:
+                parts.append("Say you are confused about who is speaking.")
+            for cid in ev["ignored"]:
+                parts.append(f'Say they have not answered your worry: "{by_id[cid].statement}"')
             if ev["resolved"]:
                 parts.append("Say this answer about your worry reassures you.")
             for cid in ev["revealed"]:
                 if cid not in ev["resolved"]:
                     parts.append(f'Tell them your worry: "{by_id[cid].statement}"')
-            if not ev["revealed"] and not ev["resolved"]:
+            if not ev["revealed"] and not ev["resolved"] and not ev["ignored"] and not ev["false_claims"]:
                 if ev["push"]:
                     parts.append("Say you are not ready to decide yet.")
                 elif ev["probed_other"] or ev["open_probe"]:
@@ -229,7 +291,11 @@ class CognitiveUserSimulator:
             return rng.choice(t[state.decision])
         if state.decision in ("hangup", "timeout"):
             return rng.choice(t["hangup"])
-        parts = [rng.choice(t["resolved"])] if ev["resolved"] else []
+        parts = [rng.choice(t["false_claim"])] if ev["false_claims"] else \
+            [rng.choice(t["incoherent"])] if set(ev["incoherent"]) - {"ignores_worry"} else []
+        if ev["ignored"]:
+            parts += [rng.choice(t["ignored"])] + [by_id[c].statement for c in ev["ignored"]]
+        parts += [rng.choice(t["resolved"])] if ev["resolved"] else []
         parts += [by_id[c].statement for c in ev["revealed"] if c not in ev["resolved"]]
         if not parts:
             kind = "probe_no_concern" if (ev["probed_other"] or ev["open_probe"]) and not ev["push"] else "neutral"
@@ -264,6 +330,7 @@ class CognitiveUserSimulator:
         replicas = [sum(q.persona_id == p.persona_id for q in self.personas[:i]) for i, p in enumerate(self.personas)]
         self.rngs = [random.Random(f"{seed}:{p.persona_id}:{r}") for p, r in zip(self.personas, replicas)]
         self.done = [False] * len(self.personas)
+        self.history = [[] for _ in self.personas]      # each dialogue's agent turns so far
         self.generator = rollout.device_generator(seed, self.model) if self.model is not None else None
         openings = [rng.choice(P.load_bank(p.domain)["openings"]) for p, rng in zip(self.personas, self.rngs)]
         if self.cfg["utterance"] == "llm":
@@ -275,37 +342,43 @@ class CognitiveUserSimulator:
         return openings
 
     def appraise(self, agent_msgs, idx):
-        """Appraisals for the dialogues `idx` (batched for the model-based appraisers)."""
+        """Appraisals for the dialogues `idx` (batched for the model-based appraisers), with what only the
+        simulator knows: the concerns each callee has voiced (context for the fact check) and whether the
+        turn is a salesperson's line at all (`incoherent`: it speaks for the callee, or repeats itself)."""
         ps = [self.personas[i] for i in idx]
         texts = [agent_msgs[i] for i in idx]
         domains = [p.domain for p in ps]
+        voiced = [tuple(c for c, st in self.states[i].concern_status.items() if st == "revealed") for i in idx]
         kind = self.cfg["appraiser"]
         if kind == "lexical":
-            return [A.lexical_appraise(t, d, self.rules) for t, d in zip(texts, domains)]
-        if kind == "semantic":
-            return self.appraiser(texts, domains)
-        if kind == "llm":
-            return self.appraiser(texts, domains, [[c.id for c in p.concerns] for p in ps])
-        return self._generative_appraise(texts, ps)
+            out = [A.lexical_appraise(t, d, self.rules, v) for t, d, v in zip(texts, domains, voiced)]
+        elif kind == "semantic":
+            out = self.appraiser(texts, domains, voiced)
+        elif kind == "llm":
+            out = self.appraiser(texts, domains, [[c.id for c in p.concerns] for p in ps], voiced)
+        else:
+            out = self._generative_appraise(texts, ps, voiced)
+        for i, text, p, a in zip(idx, texts, ps, out):
+            a["incoherent"] = [reason for reason, found in (
+                ("speaks_for_callee", speaks_for_callee(text, p)),
+                ("repeats_itself", repeats_itself(text, self.history[i]))) if found]
+        return out
 
-    def _generative_appraise(self, texts, ps):
+    def _generative_appraise(self, texts, ps, voiced):
         tok = self.tokenizer
         batch = KVBatch(self.model, tok.pad_token_id, adapter=False)
         for i, (t, p) in enumerate(zip(texts, ps)):
             batch.add(i, A.generative_prompt(tok, t, p))
         outs = batch.generate(self.cfg["generative_max_tokens"], lm.stop_ids(tok, self.model))
         results = []
-        for i, (t, p) in enumerate(zip(texts, ps)):
-            lexical = A.lexical_appraise(t, p.domain, self.rules)
+        for i, (t, p, heard) in enumerate(zip(texts, ps, voiced)):
             mine = {c.id for c in p.concerns}
             parsed = A.parse_generative(tok.decode(outs[i][0], skip_special_tokens=True), mine)
             if parsed is None:
                 self.stats["parse_failures"] += 1
-                results.append(lexical)
-            else:   # the checklist count needs every concern of the bank: the lexical appraiser's others
-                results.append({**parsed, "probed": parsed["probed"] | (lexical["probed"] - mine),
-                                "addressed": parsed["addressed"] | (lexical["addressed"] - mine),
-                                "too_long": lexical["too_long"]})
+                results.append(A.lexical_appraise(t, p.domain, self.rules, heard))
+            else:
+                results.append(A.merge_with_lexical(parsed, t, p.domain, mine, self.rules, heard))
         return results
 
     def abort(self, i, reason):
@@ -324,6 +397,11 @@ class CognitiveUserSimulator:
         appraisals = self.appraise(agent_msgs, live)
         for i, a in zip(live, appraisals):
             self.states[i] = transition(self.states[i], self.personas[i], a, self.rules, self.cfg["max_turns"])
+            self.history[i].append(agent_msgs[i])
+            ev = self.states[i].events
+            self.stats["false_claims"] += bool(ev["false_claims"])
+            for reason in ev["incoherent"]:
+                self.stats[reason] += 1
         self.stats["turns"] += len(live)
         if self.cfg["utterance"] == "template":
             for i in live:
@@ -380,6 +458,14 @@ class CognitiveUserSimulator:
 def _expert_questions():
     path = os.path.join(P.DOMAIN_DIR, "..", "logs", "expert_questions.yaml")
     return yaml.safe_load(open(path))
+
+
+NATURAL_LINES = os.path.join(P.DOMAIN_DIR, "..", "natural_agents.yaml")     # held out: the table in the README
+NATURAL_LINES_DEV = os.path.join(P.DOMAIN_DIR, "..", "natural_agents_dev.yaml")  # what the rules were tuned on
+
+
+def _natural_lines(path=None):
+    return yaml.safe_load(open(path or (NATURAL_LINES if os.path.exists(NATURAL_LINES) else NATURAL_LINES_DEV)))
 
 
 def _answers(bank, ids):
@@ -474,6 +560,78 @@ def echo(obs):
     return f"You said: {obs['last_user'].rstrip('.!?')}? {_push(obs['bank'])}"
 
 
+# -- natural-speech agents: lines from data/natural_agents.yaml, written apart from the banks -----------
+
+def _natural_turn(obs, answers, probes, push):
+    """A natural salesperson's turn: answer what the callee voiced, then ask, then (nothing left) push,
+    in at most `max_agent_words` words (what does not fit waits for the next turn)."""
+    rng, budget = obs["rng"], obs["max_words"]
+    pushes = obs["natural"]["pushes"]
+    parts = []
+    ask = [pushes[obs["turn"] % len(pushes)]] if push else []      # a different closing question each turn
+    for line in [rng.choice(a) for a in answers] + probes + ask:
+        if sum(len(p.split()) for p in parts) + len(line.split()) <= budget or not parts:
+            parts.append(line)
+    return " ".join(parts)
+
+
+def _natural_privileged(obs, kind):
+    """Knows the hidden concerns: asks about each in its own words (a guarded one twice, with another
+    question), answers each once voiced with a natural line of `kind` (answers | false_answers), then asks."""
+    lines = obs["natural"]["concerns"]
+    voiced = sorted(obs["voiced"])[:2]
+    hidden = [c.id for c in obs["persona"].concerns if obs["status"][c.id] == "hidden"][:2]
+    probes = [lines[cid]["probes"][obs["asked"].get(cid, 0) % len(lines[cid]["probes"])] for cid in hidden]
+    for cid in hidden:
+        obs["asked"][cid] = obs["asked"].get(cid, 0) + 1
+    return _natural_turn(obs, [lines[cid][kind] for cid in voiced], probes, push=not hidden and len(obs["voiced"]) <= 2)
+
+
+def _natural_listener(obs, kind):
+    """Knows nothing: asks an open question in its own words, answers whatever is voiced with a natural line
+    of `kind`, asks for the decision once an open question draws nothing more."""
+    lines = obs["natural"]["concerns"]
+    answers = [lines[cid][kind] for cid in sorted(obs["voiced"])[:2]]
+    if obs["heard_nothing"]:
+        return _natural_turn(obs, answers, [], push=True)
+    return _natural_turn(obs, answers, [_next_open_probe(obs)], push=False)
+
+
+def _next_open_probe(obs):
+    """The natural open questions in turn, never the same one twice in a call."""
+    lines = obs["natural"]["open_probes"]
+    return lines[(obs["turn"] + obs["open_offset"]) % len(lines)]
+
+
+def natural_privileged(obs):
+    return _natural_privileged(obs, "answers")
+
+
+def natural_hallucinating_privileged(obs):
+    return _natural_privileged(obs, "false_answers")
+
+
+def natural_listener(obs):
+    return _natural_listener(obs, "answers")
+
+
+def natural_hallucinating_listener(obs):
+    return _natural_listener(obs, "false_answers")
+
+
+BLUFFS = ["Honestly, it's only 5 percent, nothing to worry about.", "It's just ten dollars, hardly anything.",
+          "That takes a day at most, so no stress.", "You'd get paid every single day, so that's fine."]
+
+
+def number_bluffer(obs):
+    """Knows nothing: asks an open question and meets every worry with a made-up figure ("it's only 5
+    percent, nothing to worry about"), then asks for the decision."""
+    if obs["heard_nothing"]:
+        return _natural_turn(obs, [], [], push=True)
+    bluffs = [BLUFFS[(obs["turn"] + k) % len(BLUFFS)] for k in range(min(2, len(obs["voiced"])))]
+    return " ".join(bluffs + [_next_open_probe(obs)])
+
+
 def pusher(obs):
     return "Would you like to sign up today?"
 
@@ -495,19 +653,27 @@ SCRIPTED_AGENTS = {   # name -> (policy, knows the hidden concerns, asks questio
     "echo": (echo, False, False),
     "pusher": (pusher, False, False),
     "passive": (passive, False, False),
+    "natural privileged": (natural_privileged, True, True),
+    "natural listener": (natural_listener, False, True),
+    "natural hallucinating privileged": (natural_hallucinating_privileged, True, True),
+    "natural hallucinating listener": (natural_hallucinating_listener, False, True),
+    "number bluffer": (number_bluffer, False, True),
 }
 
 
-def play_scripted(agent, personas, sim_cfg, seed=0):
+def play_scripted(agent, personas, sim_cfg, seed=0, natural_lines=None):
     """Play one scripted agent against every persona (batched), -> list of final states. Every agent
     sees the public bank and what the callee has *said* (`voiced`: concerns voiced and not yet
     resolved); only the privileged agent also sees `persona`."""
     sim = CognitiveUserSimulator({**sim_cfg, "utterance": "template"}, seed=seed)
     openings = sim.reset(personas)
-    questions = _expert_questions()
+    questions, natural = _expert_questions(), _natural_lines(natural_lines)
     obs = [{"persona": p, "bank": P.load_bank(p.domain), "questions": questions, "asked": {}, "turn": 0,
             "max_turns": sim_cfg["max_turns"], "voiced": set(), "status": dict(sim.states[i].concern_status),
-            "heard_nothing": False, "last_user": line} for i, (p, line) in enumerate(zip(personas, openings))]
+            "heard_nothing": False, "last_user": line, "natural": natural[p.domain],
+            "rng": random.Random(f"{seed}:{p.persona_id}"), "max_words": sim_cfg["rules"]["max_agent_words"],
+            "open_offset": random.Random(f"{seed}:{p.persona_id}:open").randrange(6)}
+           for i, (p, line) in enumerate(zip(personas, openings))]
     while not all(sim.done):
         msgs = []
         for o, done in zip(obs, sim.done):
@@ -523,16 +689,17 @@ def play_scripted(agent, personas, sim_cfg, seed=0):
     return sim.states
 
 
-def validity_matrix(sim_cfg, n_per_domain=90, seed=0, domains=None):
+def validity_matrix(sim_cfg, n_per_domain=90, seed=0, domains=None, natural_lines=None):
     """{agent: {domain: success rate, ..., "all": success rate}} over n_per_domain stratified personas
-    per domain (seed `seed`)."""
+    per domain (seed `seed`). `natural_lines`: the natural-speech agents' lines (default the held-out
+    data/natural_agents.yaml)."""
     domains = domains or P.list_domains()
     people = {d: P.sample(d, n_per_domain, seed) for d in domains}
     table = {}
     for name, (agent, _, _) in SCRIPTED_AGENTS.items():
         row, wins = {}, 0
         for d in domains:
-            states = play_scripted(agent, people[d], sim_cfg, seed)
+            states = play_scripted(agent, people[d], sim_cfg, seed, natural_lines)
             row[d] = round(sum(s.decision == "accept" for s in states) / len(states), 3)
             wins += sum(s.decision == "accept" for s in states)
         row["all"] = round(wins / (n_per_domain * len(domains)), 3)
@@ -560,13 +727,15 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--validity", action="store_true", help="the scripted-agent validity matrix instead")
     parser.add_argument("--personas", type=config.positive_int, default=90, help="--validity: personas per domain")
+    parser.add_argument("--natural-lines", default=None, help="--validity: the natural-speech agents' lines (default "
+                        "data/natural_agents.yaml, held out; data/natural_agents_dev.yaml is what the rules were tuned on)")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. simulator.appraiser=llm")
     args = parser.parse_args()
     if args.validity:
         cfg = config.load(None, args.overrides)
         print(f"success rate of scripted agents, {args.personas} personas per domain (seed {args.seed}), "
               f"appraiser {cfg['simulator']['appraiser']}, max_turns {cfg['simulator']['max_turns']}")
-        print_validity(validity_matrix(cfg["simulator"], args.personas, args.seed))
+        print_validity(validity_matrix(cfg["simulator"], args.personas, args.seed, natural_lines=args.natural_lines))
         return
     # the demo shows the simulator model speaking; training on the CPU defaults to bank lines
     cfg = config.load(None, ["simulator.utterance=llm", *args.overrides])

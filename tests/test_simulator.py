@@ -18,9 +18,11 @@ def persona_with(concern_ids, willingness=1.0, domain="merchant_recruitment", se
                      style="terse", willingness=willingness, concerns=concerns, stratum="test")
 
 
-def appraisal(probed=(), addressed=(), push=False, off_topic=False, too_long=False, open_probe=False):
+def appraisal(probed=(), addressed=(), push=False, off_topic=False, too_long=False, open_probe=False,
+              false_claims=(), about=(), incoherent=()):
     return {"probed": set(probed), "addressed": set(addressed), "push": push, "off_topic": off_topic,
-            "too_long": too_long, "open_probe": open_probe}
+            "too_long": too_long, "open_probe": open_probe, "false_claims": set(false_claims), "about": set(about),
+            "incoherent": list(incoherent)}
 
 
 @pytest.fixture
@@ -71,9 +73,9 @@ def test_open_probe_draws_out_the_most_severe_probe_concern_one_per_turn(rules):
     p.concerns[1].severity = 3
     s = step(S.initial_state(p, rules), p, rules, open_probe=True)
     assert s.events["revealed"] == ["commission_fees"]           # the more severe probe concern first
-    s = step(s, p, rules, open_probe=True)
+    s = step(s, p, rules, open_probe=True, about={"commission_fees"})   # "thanks; anything else on your mind?"
     assert s.events["revealed"] == ["contract_lockin"]
-    s = step(s, p, rules, open_probe=True)                      # only the push concern is left: nothing
+    s = step(s, p, rules, open_probe=True, about={"contract_lockin"})   # only the push concern is left: nothing
     assert s.events["revealed"] == [] and s.concern_status["scam_suspicion"] == "hidden"
 
 
@@ -154,6 +156,84 @@ def test_reject_and_timeout(rules):
     s = S.initial_state(p2, rules)
     s = S.transition(s, p2, appraisal(probed={"commission_fees"}), rules, max_turns=1)
     assert s.decision == "timeout"
+
+
+def test_a_false_claim_resolves_nothing_costs_trust_and_a_second_ends_the_call(rules):
+    p = persona_with(["commission_fees", "contract_lockin"], willingness=2.5, severity=1)
+    s = step(S.initial_state(p, rules), p, rules, probed={"commission_fees", "contract_lockin"})
+    lied = step(s, p, rules, addressed={"contract_lockin"}, false_claims={"commission_fees"})   # "a flat 30%"
+    assert lied.concern_status == {"commission_fees": "revealed", "contract_lockin": "revealed"}   # nothing resolved
+    assert lied.delta_willingness == pytest.approx(-rules["false_claim_penalty"])
+    assert lied.events["false_claims"] == ["commission_fees"] and lied.decision == "continue"
+    honest = step(s, p, rules, addressed={"contract_lockin"})
+    assert honest.concern_status["contract_lockin"] == "resolved"
+    again = step(lied, p, rules, false_claims={"packaging_cost"})   # any fact of the bank counts
+    assert again.decision == "reject" and again.false_claims_caught == rules["false_claims_to_reject"]
+
+
+def test_an_incoherent_turn_does_nothing(rules):
+    """A turn that speaks for the callee or repeats itself draws nothing out, resolves nothing and pushes
+    nothing, even if its words hold a worry word or a fact."""
+    p = persona_with(["commission_fees"], willingness=3.0)
+    s = step(S.initial_state(p, rules), p, rules, probed={"commission_fees"})
+    for reason in ("speaks_for_callee", "repeats_itself"):
+        t = step(S.initial_state(p, rules), p, rules, probed={"commission_fees"}, open_probe=True,
+                 incoherent=[reason])
+        assert t.concern_status["commission_fees"] == "hidden" and t.events["incoherent"] == [reason]
+        assert t.delta_willingness == pytest.approx(-rules["incoherent_penalty"])
+        u = step(s, p, rules, addressed={"commission_fees"}, push=True, incoherent=[reason])
+        assert u.concern_status["commission_fees"] == "revealed" and u.decision == "continue"
+
+
+def test_ignoring_the_worry_just_voiced_draws_nothing_out(rules):
+    """After 'I don't want to get stuck in some long contract', asking again 'is there a concern you'd
+    like to share?' ignores it: no new reveal, a small cost, and the callee says the worry again."""
+    p = persona_with(["contract_lockin", "commission_fees"], willingness=2.0)
+    s = step(S.initial_state(p, rules), p, rules, probed={"contract_lockin"})
+    assert s.events["revealed"] == ["contract_lockin"]
+    ignored = step(s, p, rules, open_probe=True)
+    assert ignored.events["revealed"] == [] and ignored.events["incoherent"] == ["ignores_worry"]
+    assert ignored.events["ignored"] == ["contract_lockin"]
+    assert ignored.delta_willingness == pytest.approx(-rules["ignore_penalty"])
+    heard = step(s, p, rules, open_probe=True, about={"contract_lockin"})   # "thanks; anything else?"
+    assert heard.events["revealed"] == ["commission_fees"] and not heard.events["incoherent"]
+    answered = step(s, p, rules, addressed={"contract_lockin"})
+    assert answered.events["resolved"] == ["contract_lockin"] and not answered.events["incoherent"]
+    import random
+    line = S.CognitiveUserSimulator({"rules": rules, "appraiser": "lexical", "utterance": "template",
+                                     "max_turns": 4})._template_line(p, ignored, random.Random(0))
+    assert p.concerns[0].statement in line
+
+
+def test_turns_that_are_not_a_salespersons_line_are_recognised():
+    p = persona_with(["commission_fees"])      # Maria Rossi
+    for text in ["Here's an alternative: Customer: Hello? Sam: Hi, what worries you?",
+                 "This is the owner speaking. Is there anything to share about something they worry about.",
+                 "Maria: I'm not sure about the fees.", "I'm worried about the commission, honestly.",
+                 "Sam: Hi there.\nCustomer: Who is this?"]:
+        assert S.speaks_for_callee(text, p), text
+    for text in ["I understand you're worried about the commission.", "Hi Maria, this is Sam from QuickBite.",
+                 "Is the commission a worry for you?", "Thanks for telling me about the owner's concerns."]:
+        assert not S.speaks_for_callee(text, p), text
+    assert S.repeats_itself("Is there a concern you'd like to share?", ["Hello!", "Is there a concern you'd like to share?"])
+    assert S.repeats_itself("is there a concern you'd like to share", ["Is there a concern you'd like to share?!"])
+    assert not S.repeats_itself("Shall we get you listed today?",
+                                ["Commission is 15% for six months. Shall we get you listed today?"])   # re-asking one part
+    assert not S.repeats_itself("What's on your mind?", [])
+
+
+def test_the_simulator_counts_false_claims_and_incoherent_turns(cfg):
+    sim_cfg = {**cfg["simulator"], "appraiser": "lexical", "utterance": "template"}
+    sim = S.CognitiveUserSimulator(sim_cfg, seed=0)
+    ps = [persona_with(["commission_fees"], willingness=2.0), persona_with(["contract_lockin"], willingness=2.0)]
+    sim.reset(ps)
+    sim.step(["Customer: hello? Sam: Do you worry about the commission?", "Is a long contract a worry for you?"])
+    users, states, _ = sim.step(["What's on your mind?", "Is a long contract a worry for you?"])
+    assert states[1].events["incoherent"] == ["repeats_itself"]
+    users, states, _ = sim.step(["Commission is a flat thirty percent on every order.", "Nice weather."])
+    assert states[0].events["false_claims"] == ["commission_fees"]
+    assert sim.stats["speaks_for_callee"] == 1 and sim.stats["repeats_itself"] == 1 and sim.stats["false_claims"] == 1
+    assert "not" in users[0].lower() or "n't" in users[0].lower()        # "Hold on, that's not true, is it?"
 
 
 def test_generative_parser_is_strict():
@@ -242,7 +322,7 @@ def test_llm_appraiser_is_calibrated_and_deterministic_real_model(real_model, cf
     text = "Is it the contract, the packaging or the reviews that worry you?"   # other concerns, by cue words
     out = app([text], ["merchant_recruitment"], [["commission_fees"]])[0]
     assert {"contract_lockin", "packaging_cost", "ratings_reviews"} <= out["probed"]
-    assert set(out) == {"probed", "addressed", "open_probe", "push", "off_topic", "too_long"}
+    assert set(out) == {"probed", "addressed", "open_probe", "push", "off_topic", "too_long", "false_claims", "about"}
     assert out == app([text], ["merchant_recruitment"], [["commission_fees"]])[0]
 
 
@@ -260,8 +340,13 @@ def cfg_module():
 
 
 def test_validity_matrix_knowing_the_concerns_wins_and_no_cheap_policy_does(validity):
-    """270 stratified personas over the three domains, default rules and (semantic) appraiser."""
+    """270 stratified personas over the three domains, default rules and (semantic) appraiser; the natural
+    agents speak held-out lines (data/natural_agents.yaml), written apart from the banks."""
     rate = {name: row["all"] for name, row in validity.items()}
+    # speaking naturally and honestly wins; inventing facts does not, knowing the concerns or not
+    assert rate["natural privileged"] >= 0.7
+    for name in ("natural hallucinating privileged", "natural hallucinating listener", "number bluffer"):
+        assert rate[name] <= 0.05 and rate[name] < rate["natural listener"], name
     assert rate["privileged prober"] >= 0.8
     assert 0.1 <= rate["generic prober"] <= rate["privileged prober"] - 0.3   # knowing the concerns matters
     for name, (_, knows, asks) in S.SCRIPTED_AGENTS.items():
