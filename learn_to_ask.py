@@ -383,7 +383,10 @@ def play(cfg, adapter=None):
               f"/{len(p.concerns)}, customer: {sim.states[i].decision}, policy: {verdicts[i]}")
     with open(os.path.join(lt["out_dir"], "play_dialogues.jsonl"), "w") as f:    # why each call went as it did
         for p, d, v, st in zip(persona_list, dialogues, verdicts, sim.states):
-            f.write(json.dumps({"persona_id": p.persona_id, "hidden_concerns": {c.id: c.statement for c in p.concerns},
+            f.write(json.dumps({"persona_id": p.persona_id, "domain": p.domain, "stratum": p.stratum,
+                                "willingness": p.willingness, "hidden_concerns": {c.id: c.statement for c in p.concerns},
+                                "concerns": [{"id": c.id, "statement": c.statement, "severity": c.severity,
+                                              "disclosure": c.disclosure} for c in p.concerns],
                                 "verdict": v, "final_state": st.to_dict(), "messages": d}) + "\n")
     total = sum(len(p.concerns) for p in persona_list)
     revealed = sum(v != "hidden" for s in sim.states for v in s.concern_status.values())

@@ -331,9 +331,15 @@ class Trajectory:
         self.logprobs.extend(logprobs if logprobs is not None else [0.0] * len(ids))
 
     def to_dict(self):
-        """For samples.jsonl: the readable dialogue with hidden concerns and per-turn states."""
-        return {"persona_id": self.persona.persona_id, "stratum": self.persona.stratum,
-                "hidden_concerns": {c.id: c.statement for c in self.persona.concerns},
+        """For samples.jsonl: the readable dialogue with hidden concerns and per-turn states, and what
+        view.py needs to draw the call: the domain, the public card, each concern's severity and
+        disclosure rule, and the willingness the callee started with."""
+        p = self.persona
+        return {"persona_id": p.persona_id, "stratum": p.stratum, "domain": p.domain,
+                "public": personas.public_view(p), "willingness": p.willingness,
+                "hidden_concerns": {c.id: c.statement for c in p.concerns},
+                "concerns": [{"id": c.id, "statement": c.statement, "severity": c.severity,
+                              "disclosure": c.disclosure} for c in p.concerns],
                 "group": self.group, "decision": self.decision, "reward": self.reward,
                 "messages": self.messages, "states": self.states}
 
