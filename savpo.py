@@ -322,7 +322,7 @@ class Trainer:
         aopsd, sim_before = self.cfg["aopsd"], self.simulator.stats["generated_tokens"]
         trajs = rollout.run(self.model, self.tokenizer, self.simulator, self.personas_for(step),
                             self.cfg["rollout"], group_size=self.cfg["train"]["group_size"],
-                            seed=self.cfg["seed"] * 100_003 + step,
+                            seed=self.cfg["seed"] * 100_003 + step, progress=f"step {step + 1} rollouts",
                             teacher_placement=aopsd["placement"] if aopsd["coef"] > 0 else None)
         seconds = time.perf_counter() - t0
         # policy tokens + the simulator's own lines
@@ -372,6 +372,8 @@ class Trainer:
         for g in sorted({trajs[i].group for i in work}):
             members = [i for i in work if trajs[i].group == g]
             chunks += [members[k:k + t["micro_batch"]] for k in range(0, len(members), t["micro_batch"])]
+        from tqdm import tqdm
+        bar = tqdm(total=t["epochs"] * len(chunks), desc=f"step {step + 1} update", unit="micro-batch", leave=False)
         for epoch in range(t["epochs"]):
             order_rng.shuffle(chunks)
             epoch_stats = {k: 0.0 for k in keys}
@@ -386,6 +388,7 @@ class Trainer:
                 if loss.requires_grad:
                     loss.backward()
                 epoch_stats["loss"] += float(loss.detach())
+                bar.update(1)
             self.model.eval()
             if epoch == 0:
                 gaps = torch.cat([(old[i] - torch.tensor(targets[i][2])).abs() for i in old]) if old else torch.zeros(1)
@@ -402,6 +405,7 @@ class Trainer:
             done_epochs += 1
             for k in keys:
                 stats[k] += epoch_stats[k]
+        bar.close()
         for k in keys:   # logged as the mean over the passes that updated, not their sum
             stats[k] /= max(1, done_epochs)
         self.scheduler.step()
