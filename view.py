@@ -17,6 +17,8 @@ agent turn what the simulator made of it (its `events`: probed, addressed, open 
 claim, incoherent, ...) and every concern's status after it as chips (hidden -> revealed -> resolved),
 the willingness curve, the outcome, and the turn's STPR advantage and AOPSD divergence where logged.
 Across calls: filter and sort; "side by side" pairs two policies' calls of the same persona and seed.
+A link can open a view: view.html#side,open,find=mer-ddf (side by side, the first pair open, personas
+whose id contains mer-ddf).
 
 Every string from a file (model output, ids, file names) is escaped here with `html.escape`; the
 page's script only filters, sorts and clones these elements and reads their data- attributes, it
@@ -298,13 +300,14 @@ def page(calls, title):
 <span class="chip s-resolved">resolved</span> <span class="chip s-revealed new">&#9650; changed this turn</span>
 &middot; A = STPR advantage, KL = AOPSD divergence of the turn (where the run logged them)</p>
 <div class="controls">{select("policy", "policy")} {select("domain", "domain")} {select("stratum", "stratum")}
-{select("decision", "outcome")} <label>sort <select id="sort"><option value="order">file order</option>
+{select("decision", "outcome")} <label>persona <input id="f-find" size="12" placeholder="id contains"></label>
+<label>sort <select id="sort"><option value="order">file order</option>
 <option value="persona">persona</option><option value="outcome">outcome</option><option value="turns">turns</option>
 <option value="gain">willingness gain</option><option value="step">step</option></select></label>
-<button id="expand">expand all</button> <span class="sep"></span>
-<button id="side"{" disabled" if len(policies) < 2 else ""}>side by side</button>
+<button id="expand">expand all</button>
+<span><button id="side"{" disabled" if len(policies) < 2 else ""}>side by side</button>
 <select id="pa">{options(calls, "policy", "")}</select> vs <select id="pb">{options(calls, "policy", "")}</select>
-<button id="list-mode">list</button> <span id="count" class="muted"></span></div>
+<button id="list-mode">list</button></span> <span id="count" class="muted"></span></div>
 <div id="list">{"".join(call_html(c) for c in calls)}</div><div id="pairs"></div>
 <script>const B_DEFAULT = {b_default};{JS}</script></body></html>
 """
@@ -314,14 +317,14 @@ CSS = """
 body{font:14px/1.4 system-ui,sans-serif;margin:16px 24px;color:#222;background:#fafafa}
 h1{font-size:18px;margin:0 0 8px}.muted{color:#777;font-size:12px}.legend{font-size:12px;color:#555}
 table.summary{border-collapse:collapse;font-size:13px}table.summary td,table.summary th{border:1px solid #ddd;padding:2px 8px}
-.controls{position:sticky;top:0;background:#fafafa;padding:6px 0;z-index:2;border-bottom:1px solid #ddd;margin-bottom:8px}
-.controls select,.controls button{font-size:12px}.sep{display:inline-block;width:16px}
+.controls{display:flex;flex-wrap:wrap;gap:4px 12px;align-items:center;position:sticky;top:0;background:#fafafa;padding:6px 0;z-index:2;border-bottom:1px solid #ddd;margin-bottom:8px}
+.controls select,.controls button,.controls input{font-size:12px;max-width:12em}
 details.call{background:#fff;border:1px solid #ddd;border-radius:6px;margin:6px 0;padding:4px 8px}
 summary{cursor:pointer}summary svg{vertical-align:middle}.pol{background:#eef;border-radius:3px;padding:0 4px;font-size:12px}
 .outcome{border-radius:3px;padding:0 5px;color:#fff;background:#888;font-size:12px}.o-accept{background:#2a8a3a}
 .o-reject{background:#b3261e}.o-hangup{background:#d9730d}
 .persona{display:flex;gap:16px;justify-content:space-between;border-bottom:1px solid #eee;margin:6px 0}
-.persona ul{padding-left:18px;margin:4px 0}.persona p{margin:4px 0}
+.persona ul{padding-left:18px;margin:4px 0;font-size:13px}.persona p{margin:4px 0}
 .turn{display:grid;grid-template-columns:minmax(0,3fr) minmax(0,2fr);gap:12px;border-top:1px solid #f0f0f0;padding:4px 0}
 .who{font-size:11px;color:#888}p.agent,p.user{margin:2px 0;padding:4px 8px;border-radius:8px;white-space:pre-wrap;overflow-wrap:anywhere}
 p.agent{background:#e8f0fe}p.user{background:#f1f1f1;margin-left:24px}p.lead{margin-left:0}
@@ -344,6 +347,7 @@ const $ = (s) => document.querySelector(s);
 const cards = Array.from(document.querySelectorAll('#list > details.call'));
 let side = false;
 function kept(card, anyPolicy) {
+  if (!card.dataset.persona.includes($('#f-find').value.trim())) return false;
   return ['domain', 'stratum', 'outcome', 'policy'].every((f) => {
     const want = $('#f-' + f).value;
     return !want || (f === 'policy' && anyPolicy) || card.dataset[f] === want;
@@ -382,9 +386,10 @@ function render() {
     if (mate) [one, two].forEach((d, i) => d.addEventListener('toggle', () => { [one, two][1 - i].open = d.open; }));
     pairs.appendChild(row);
   }
-  $('#count').textContent = matched + ' personas played by both';
+  $('#count').textContent = matched + ' of ' + left.length + ' calls paired';
 }
 document.querySelectorAll('.controls select').forEach((s) => s.addEventListener('change', render));
+$('#f-find').addEventListener('input', render);
 $('#pb').selectedIndex = B_DEFAULT;
 $('#side').addEventListener('click', () => { side = true; render(); });
 $('#list-mode').addEventListener('click', () => { side = false; render(); });
@@ -392,9 +397,10 @@ $('#expand').addEventListener('click', () => {
   const open = !document.querySelector('details.call[open]');
   document.querySelectorAll('details.call').forEach((d) => { d.open = open; });
 });
-// view.html#side opens in side-by-side mode, #open expands the first call (or pair): a link can show a view
-const hash = location.hash.slice(1).split(',');
+// view.html#side,open,find=ID: side by side, the first call (or pair) open, personas whose id has ID
+const hash = decodeURIComponent(location.hash.slice(1)).split(',');
 side = hash.includes('side') && !$('#side').disabled;
+$('#f-find').value = (hash.find((h) => h.startsWith('find=')) || 'find=').slice(5);
 render();
 if (hash.includes('open')) { const first = document.querySelector(side ? '#pairs details.call' : '#list details.call:not([hidden])'); if (first) first.open = true; }
 """

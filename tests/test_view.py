@@ -134,7 +134,7 @@ def test_the_page_references_nothing_outside_itself(run_dir):
 
 
 PAGE_TAGS = ("html", "head", "meta", "title", "style", "body", "h1", "table", "tr", "th", "td", "p", "span", "b",
-             "div", "label", "select", "option", "button", "details", "summary", "ul", "li", "svg", "line", "text",
+             "div", "label", "select", "option", "button", "input", "details", "summary", "ul", "li", "svg", "line", "text",
              "polyline", "circle", "script")
 
 
