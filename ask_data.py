@@ -144,9 +144,10 @@ def parse_info_list(text, limit=5):
 @torch.no_grad()
 def llm_extract(model, tokenizer, futures, max_new_tokens=48, batch_size=8):
     """info_truth for each future by the extractor prompt, greedy, adapter disabled."""
+    from tqdm import tqdm
     eos = lm.end_of_turn_ids(tokenizer)[0]
     out = []
-    for start in range(0, len(futures), batch_size):
+    for start in tqdm(range(0, len(futures), batch_size), desc="extract info_truth", unit="batch", leave=False):
         batch = KVBatch(model, tokenizer.pad_token_id, adapter=False)
         for k, fut in enumerate(futures[start:start + batch_size]):
             batch.add(k, lm.encode(tokenizer, extractor_prompt(fut)))

@@ -208,8 +208,9 @@ def calibrate(cfg):
     rows = [agreement("proxy", items, [proxy_grade(it["question"], it.get("reference_ids", []), it["reference"],
                                                    it["domain"]) for it in items])]
     if lt["grader"] == "llm":
+        from tqdm import tqdm
         tokenizer, model = lm.load_model(cfg["model"])
-        for base in ("rubric", "fewshot", "short"):
+        for base in tqdm(("rubric", "fewshot", "short"), desc="grader prompts", unit="prompt", leave=False):
             raw, bias = llm_scores(model, tokenizer, items, base)
             for variant, lp in ((base, raw), (base + "+cal", raw - bias)):
                 rows.append(agreement(f"llm:{variant}", items, [(SCORES[f], SCORES[c]) for f, c in lp.argmax(-1).tolist()]))

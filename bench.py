@@ -292,7 +292,8 @@ def main():
     if args.sweep:
         grid += [(d, t, m) for d in (4, 32) for t in (3, 6) for m in ("kv", "generate_batched")]
     rows = []
-    for dialogues, turns, method in grid:
+    for k, (dialogues, turns, method) in enumerate(grid):   # each run takes minutes on a CPU: say which is going
+        print(f"[{k + 1}/{len(grid)}] {method}, {dialogues} dialogues x {turns} turns ...", file=sys.stderr, flush=True)
         r = spawn(args, method, dialogues, turns)
         r.update(dialogues=dialogues, turns_cfg=turns)
         rows.append(r)

@@ -191,13 +191,15 @@ def fmt(ci):
 # --------------------------------------------------------------------------- running policies
 
 @torch.no_grad()
-def play(model, tokenizer, cfg, persona_list, n, seed, privileged=None, sim_model=None, sim_tokenizer=None):
-    """n sampled dialogues per persona; returns (trajectories, simulator health counters)."""
+def play(model, tokenizer, cfg, persona_list, n, seed, privileged=None, sim_model=None, sim_tokenizer=None,
+         progress=False):
+    """n sampled dialogues per persona; returns (trajectories, simulator health counters). `progress`: a
+    label for a bar on stderr (turns played, calls over, time left), or False."""
     was_training = model.training
     model.eval()
     sim = S.CognitiveUserSimulator(cfg["simulator"], sim_model or model, sim_tokenizer or tokenizer, seed=seed + 1)
     trajs = rollout.run(model, tokenizer, sim, persona_list, cfg["rollout"], group_size=n, seed=seed + 7,
-                        privileged=privileged)
+                        privileged=privileged, progress=progress)
     model.train(was_training)
     return trajs, dict(sim.stats)
 
@@ -206,7 +208,7 @@ def quick(model, tokenizer, cfg, persona_list, seed=0, group_size=1, sim_model=N
     """savpo.py's periodic evaluation: the overall metrics of the current policy, against the same
     simulator model as training (`simulator.model`)."""
     trajs, health = play(model, tokenizer, cfg, persona_list, group_size, seed, sim_model=sim_model,
-                         sim_tokenizer=sim_tokenizer)
+                         sim_tokenizer=sim_tokenizer, progress="held-out eval")
     overall = aggregate(trajs)
     overall.pop("pass_at_k")
     return {**overall, "simulator_health": health}
@@ -401,7 +403,8 @@ def compare(config_path, overrides, seeds, n_personas, n, out, algos=ALGOS):
     tables = {}
 
     def play_table(name, privileged=None):
-        trajs, _ = play(model, tokenizer, cfg, personas, n, cfg["seed"], privileged, sim_model, sim_tok)
+        trajs, _ = play(model, tokenizer, cfg, personas, n, cfg["seed"], privileged, sim_model, sim_tok,
+                        progress=f"eval {name}")
         tables[name] = per_persona(trajs)
         print(f"  {name:26s} " + "  ".join(f"{m} {fmt(v)}" for m, v in intervals(tables[name]).items()), flush=True)
 
@@ -517,7 +520,8 @@ def main(argv=None):
     tables = {}
 
     def record(name, privileged=None):
-        trajs, health = play(model, tokenizer, cfg, personas, args.n, seed, privileged, sim_model, sim_tok)
+        trajs, health = play(model, tokenizer, cfg, personas, args.n, seed, privileged, sim_model, sim_tok,
+                             progress=f"eval {name}")
         tables[name] = per_persona(trajs)
         results[name] = {**breakdown(trajs), "simulator_health": health,
                          "willingness_by_turn": willingness_by_turn(trajs), "intervals": intervals(tables[name])}

@@ -353,6 +353,8 @@ def play(cfg, adapter=None):
     n = len(persona_list)
     phase, verdicts, malformed = ["talk"] * n, ["no stop"] * n, 0
     generator = rollout.device_generator(cfg["seed"] + 11, model)
+    from tqdm import tqdm
+    bar = tqdm(total=lt["play_turns"] + 1, desc="play", unit="turn", leave=False)   # + the reply after a decision
     while any(p in ("talk", "decided") for p in phase):
         ask = [i for i in range(n) if phase[i] in ("talk", "decided")]
         prompts = [prompt_ids(tokenizer, dialogues[i], lt["response_prefix"]) for i in ask]
@@ -378,12 +380,18 @@ def play(cfg, adapter=None):
                     dialogues[i].append({"role": "user", "content": user_msgs[i]})
                     if done[i]:
                         phase[i] = "decided" if states[i].decision in ("accept", "reject", "hangup") else "over"
+        bar.set_postfix_str(f"{phase.count('over')}/{n} calls over", refresh=False)
+        bar.update(1)
+    bar.close()
     for i, p in enumerate(persona_list):
         print(f"{p.persona_id} [{p.domain}] revealed {sum(v != 'hidden' for v in sim.states[i].concern_status.values())}"
               f"/{len(p.concerns)}, customer: {sim.states[i].decision}, policy: {verdicts[i]}")
     with open(os.path.join(lt["out_dir"], "play_dialogues.jsonl"), "w") as f:    # why each call went as it did
         for p, d, v, st in zip(persona_list, dialogues, verdicts, sim.states):
-            f.write(json.dumps({"persona_id": p.persona_id, "hidden_concerns": {c.id: c.statement for c in p.concerns},
+            f.write(json.dumps({"persona_id": p.persona_id, "domain": p.domain, "stratum": p.stratum,
+                                "willingness": p.willingness, "hidden_concerns": {c.id: c.statement for c in p.concerns},
+                                "concerns": [{"id": c.id, "statement": c.statement, "severity": c.severity,
+                                              "disclosure": c.disclosure} for c in p.concerns],
                                 "verdict": v, "final_state": st.to_dict(), "messages": d}) + "\n")
     total = sum(len(p.concerns) for p in persona_list)
     revealed = sum(v != "hidden" for s in sim.states for v in s.concern_status.values())

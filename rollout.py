@@ -331,9 +331,15 @@ class Trajectory:
         self.logprobs.extend(logprobs if logprobs is not None else [0.0] * len(ids))
 
     def to_dict(self):
-        """For samples.jsonl: the readable dialogue with hidden concerns and per-turn states."""
-        return {"persona_id": self.persona.persona_id, "stratum": self.persona.stratum,
-                "hidden_concerns": {c.id: c.statement for c in self.persona.concerns},
+        """For samples.jsonl: the readable dialogue with hidden concerns and per-turn states, and what
+        view.py needs to draw the call: the domain, the public card, each concern's severity and
+        disclosure rule, and the willingness the callee started with."""
+        p = self.persona
+        return {"persona_id": p.persona_id, "stratum": p.stratum, "domain": p.domain,
+                "public": personas.public_view(p), "willingness": p.willingness,
+                "hidden_concerns": {c.id: c.statement for c in p.concerns},
+                "concerns": [{"id": c.id, "statement": c.statement, "severity": c.severity,
+                              "disclosure": c.disclosure} for c in p.concerns],
                 "group": self.group, "decision": self.decision, "reward": self.reward,
                 "messages": self.messages, "states": self.states}
 
@@ -394,19 +400,22 @@ def run(model, tokenizer, simulator, persona_list, rollout_cfg, group_size=1, se
     'system' or 'turn' lets the *policy* see the hidden concerns (the pilot study's privileged
     policy); trajectories are then not student views and must not be trained on. `teacher_placement`
     ('system' | 'turn'), when the trainer will build the privileged teacher view, makes
-    `rollout.max_context` bound that longer view too."""
+    `rollout.max_context` bound that longer view too. `progress` (True or a label) shows a bar on
+    stderr (`_progress`)."""
     per_wave = max(1, wave_rows(model, rollout_cfg) // group_size)
     generator = device_generator(seed, model)
+    bar = _progress(progress, len(persona_list) * group_size * simulator.cfg["max_turns"])
     trajs = []
     for start in range(0, len(persona_list), per_wave):
         groups = list(enumerate(persona_list))[start:start + per_wave]
         dialogues = [(g, p) for g, p in groups for _ in range(group_size)]
-        trajs += _play(model, tokenizer, simulator, dialogues, rollout_cfg, seed, progress, decoder, privileged,
+        trajs += _play(model, tokenizer, simulator, dialogues, rollout_cfg, seed, bar, decoder, privileged,
                        teacher_placement, generator)
+    bar.close()
     return trajs
 
 
-def _play(model, tokenizer, simulator, dialogues, rollout_cfg, seed, progress, decoder, privileged,
+def _play(model, tokenizer, simulator, dialogues, rollout_cfg, seed, bar, decoder, privileged,
           teacher_placement, generator):
     """One wave: the dialogues [(group id, persona)] advanced together, turn by turn."""
     eos, closing = lm.end_of_turn_ids(tokenizer)
@@ -434,7 +443,7 @@ def _play(model, tokenizer, simulator, dialogues, rollout_cfg, seed, progress, d
         return note_len[i] * slots
 
     live = list(range(len(trajs)))
-    bar = _progress(progress, simulator.cfg["max_turns"])
+    counted, max_turns = 0, simulator.cfg["max_turns"]
     while live:
         overflow = [i for i in live
                     if len(trajs[i].ids) + teacher_extra(i) + rollout_cfg["max_new_tokens"] > max_context]
@@ -479,11 +488,18 @@ def _play(model, tokenizer, simulator, dialogues, rollout_cfg, seed, progress, d
                 policy.extend(i, t.ids[before:])
         policy.drop(finished)
         live = [i for i in live if i not in finished]
-        bar.update(1)
-    bar.close()
+        budget = sum(max_turns if t.decision != "continue" else t.n_turns for t in trajs)
+        bar.set_postfix_str(f"{len(trajs) - len(live)}/{len(trajs)} calls over", refresh=False)
+        bar.update(budget - counted)
+        counted = budget
+    bar.update(len(trajs) * max_turns - counted)    # the last calls, if an overflow ended them
     return trajs
 
 
 def _progress(enabled, total):
+    """A tqdm bar on stderr over the calls' turn budget (calls x `max_turns`): a turn played counts
+    one, a call that ends counts the rest of its budget, so the bar ends with the last call and its
+    estimate of the time left assumes the live calls use their whole budget."""
     from tqdm import tqdm
-    return tqdm(total=total, desc="rollout turns", leave=False, disable=not enabled)
+    label = enabled if isinstance(enabled, str) else "rollout"
+    return tqdm(total=total, desc=label, unit="turn", leave=False, disable=not enabled)

@@ -287,6 +287,7 @@ class Trainer:
         P.check_disjoint(self.train_personas, self.eval_personas)
         self.step = 0
         self.skipped_steps = 0
+        self.turn_divergence = {}   # of the latest update: {trajectory index: {turn: AOPSD divergence}}
         if resume:
             self._load_checkpoint()
         config.save(cfg, self.out)
@@ -322,7 +323,7 @@ class Trainer:
         aopsd, sim_before = self.cfg["aopsd"], self.simulator.stats["generated_tokens"]
         trajs = rollout.run(self.model, self.tokenizer, self.simulator, self.personas_for(step),
                             self.cfg["rollout"], group_size=self.cfg["train"]["group_size"],
-                            seed=self.cfg["seed"] * 100_003 + step,
+                            seed=self.cfg["seed"] * 100_003 + step, progress=f"step {step + 1} rollouts",
                             teacher_placement=aopsd["placement"] if aopsd["coef"] > 0 else None)
         seconds = time.perf_counter() - t0
         # policy tokens + the simulator's own lines
@@ -348,8 +349,10 @@ class Trainer:
         agent tokens (each micro-batch's token mean scaled by its token share, TRL's `dapo`), the AOPSD
         term a weighted turn mean over the step's turns. So the gradient does not depend on
         `train.micro_batch`. The "old" log-probs of the ratio are the first pass's own, detached (all
-        micro-batches of a pass see the same weights): the first ratio is exactly 1 in any dtype."""
+        micro-batches of a pass see the same weights): the first ratio is exactly 1 in any dtype.
+        Fills `self.turn_divergence` {trajectory index: {turn: AOPSD divergence}} from the first pass."""
         t, a, st = self.cfg["train"], self.cfg["aopsd"], self.cfg["stpr"]
+        self.turn_divergence = {}
         trainable = [i for i, tr in enumerate(trajs) if sum(tr.agent_mask) > 0]
         targets = {i: agent_targets(trajs[i]) for i in trainable}
         weights = {i: self._turn_weights(trajs[i], sorted(set(targets[i][3]))) for i in trainable}
@@ -372,6 +375,8 @@ class Trainer:
         for g in sorted({trajs[i].group for i in work}):
             members = [i for i in work if trajs[i].group == g]
             chunks += [members[k:k + t["micro_batch"]] for k in range(0, len(members), t["micro_batch"])]
+        from tqdm import tqdm
+        bar = tqdm(total=t["epochs"] * len(chunks), desc=f"step {step + 1} update", unit="micro-batch", leave=False)
         for epoch in range(t["epochs"]):
             order_rng.shuffle(chunks)
             epoch_stats = {k: 0.0 for k in keys}
@@ -386,6 +391,7 @@ class Trainer:
                 if loss.requires_grad:
                     loss.backward()
                 epoch_stats["loss"] += float(loss.detach())
+                bar.update(1)
             self.model.eval()
             if epoch == 0:
                 gaps = torch.cat([(old[i] - torch.tensor(targets[i][2])).abs() for i in old]) if old else torch.zeros(1)
@@ -402,6 +408,7 @@ class Trainer:
             done_epochs += 1
             for k in keys:
                 stats[k] += epoch_stats[k]
+        bar.close()
         for k in keys:   # logged as the mean over the passes that updated, not their sum
             stats[k] /= max(1, done_epochs)
         self.scheduler.step()
@@ -418,7 +425,8 @@ class Trainer:
         target_ids = torch.tensor([x for tg in tgs for x in tg[1]], device=device)              # (N,)
         logp = lm.token_logprobs(logits, target_ids, self.cfg["rollout"]["temperature"])        # (N,)
         sizes = [len(tg[0]) for tg in tgs]
-        if chunk[0] not in old:   # first pass: the behaviour policy's log-probs are these, detached
+        first_pass = chunk[0] not in old
+        if first_pass:   # first pass: the behaviour policy's log-probs are these, detached
             old.update(zip(chunk, logp.detach().cpu().split(sizes)))
         old_logp = torch.cat([old[i] for i in chunk]).to(device)
         ones = torch.ones(1, len(pairs), device=device)
@@ -444,6 +452,13 @@ class Trainer:
                                           a["topk"], a["topk_support"], a["chunk"], a["clip"])
             loss = loss + a["coef"] * kl_loss
             stats["aopsd_kl"] += float(kl_mean) * token_share
+            if first_pass:   # each turn's mean divergence, as the loss averaged it, for samples.jsonl
+                with torch.no_grad():
+                    div = token_divergence(logits.detach(), teacher_logits, a["divergence"], a["alpha"], a["vocab"],
+                                           a["topk"], a["topk_support"], a["chunk"])
+                    turn_div, _ = _segment_mean(div.clamp(max=a["clip"]) if a["clip"] > 0 else div, segment, len(keys))
+                for (b, k), value in zip(keys, turn_div.tolist()):
+                    self.turn_divergence.setdefault(chunk[b], {})[k] = value
         if st["ref_kl"] > 0:
             with torch.no_grad(), lm.adapter_off(self.model):
                 ref_logits = policy_logits(self.model, batch, tgs)
@@ -573,8 +588,14 @@ class Trainer:
         record.update(step_s=round(time.perf_counter() - t0, 1), peak_mem_gb=peak_memory_gb())
         _append_jsonl(metrics_path, record)
         if t["samples_every"] and self.step % t["samples_every"] == 0:
-            for tr in trajs[::t["group_size"]]:
-                _append_jsonl(samples_path, {"step": self.step, **tr.to_dict()})
+            for i in range(0, len(trajs), t["group_size"]):
+                # + what the update used per agent turn: its STPR advantage and its AOPSD divergence (None
+                # where the term is off or the trajectory had no forward pass)
+                div = self.turn_divergence.get(i, {})
+                adv = [round(float(x), 5) for x in per_turn[i]] if self.cfg["stpr"]["coef"] > 0 else None
+                _append_jsonl(samples_path, {"step": self.step, **trajs[i].to_dict(), "turn_advantages": adv,
+                                             "turn_divergence": [round(div[k], 6) if k in div else None
+                                                                 for k in range(trajs[i].n_turns)]})
         if t["save_every"] and self.step % t["save_every"] == 0:
             self.save_checkpoint()
         bar.update(1)

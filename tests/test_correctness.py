@@ -212,9 +212,9 @@ def test_evaluation_uses_the_training_simulator_model(tiny_dir, tmp_path, tokeni
     seen = []
     real_play = evaluation.play
 
-    def spy(model, tokenizer_, cfg, personas, n, seed, privileged=None, sim_model=None, sim_tokenizer=None):
+    def spy(model, tokenizer_, cfg, personas, n, seed, privileged=None, sim_model=None, sim_tokenizer=None, **kw):
         seen.append(sim_model)
-        return real_play(model, tokenizer_, cfg, personas, n, seed, privileged, sim_model, sim_tokenizer)
+        return real_play(model, tokenizer_, cfg, personas, n, seed, privileged, sim_model, sim_tokenizer, **kw)
     monkeypatch.setattr(evaluation, "play", spy)
     trainer.evaluate()
     assert seen and seen[0] is trainer.sim_model and seen[0] is not trainer.model

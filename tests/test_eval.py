@@ -144,3 +144,19 @@ def test_compare_trains_every_preset_and_reports_intervals(tmp_path, tokenizer):
     assert "| savpo |" in text and "reveal minus base" in text and (out / "compare.png").stat().st_size > 1000
     again = E.compare(None, overrides, [0, 1], 3, 2, str(out), algos=("grpo", "savpo"))   # reuses the runs
     assert again["savpo"]["intervals"] == result["savpo"]["intervals"]
+
+
+def test_progress_goes_to_stderr_and_stdout_keeps_the_results(tmp_path, tokenizer, capsys):
+    from conftest import make_tiny_model
+    tiny = tmp_path / "tiny"
+    make_tiny_model(tokenizer).save_pretrained(tiny)
+    tokenizer.save_pretrained(tiny)
+    E.main(["--n", "1", "--personas", "2", "--out", str(tmp_path / "ev"), f"model.name_or_path={tiny}",
+            "rollout.max_new_tokens=4", "simulator.max_turns=2", "simulator.appraiser=lexical"])
+    out, err = capsys.readouterr()
+    # per policy, a bar over the calls' turn budget (2 personas x 1 sample x 2 turns); tqdm draws it at once
+    assert "eval base:   0%" in err and "0/4 [" in err and "turn/s" in err
+    assert "\r" not in out and "turn/s" not in out and "calls over" not in out
+    assert out.splitlines()[0].startswith("base ") and "wrote " in out
+    saved = [json.loads(l) for l in open(tmp_path / "ev" / "samples_base.jsonl")]
+    assert saved[0]["domain"] and saved[0]["public"].startswith("Callee:") and saved[0]["concerns"][0]["severity"] >= 1

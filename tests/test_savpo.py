@@ -296,3 +296,35 @@ def test_a_written_random_model_runs_the_main_job_and_logs_the_time_split(tmp_pa
     for key in ("rollout_s", "teacher_s", "update_s", "step_s", "peak_mem_gb", "rollout_tok_s"):
         assert record[key] >= 0, key
     assert record["step_s"] >= record["rollout_s"] + record["update_s"] - 0.2
+
+
+def test_samples_carry_the_turn_advantages_and_divergences_the_update_used(tiny_dir, tmp_path, capsys):
+    cfg = tiny_cfg(tiny_dir, tmp_path / "turns", "train.steps=1")
+    trainer = savpo.Trainer(cfg, log=lambda *a: None)
+    seen, update = {}, trainer.update
+
+    def spy(trajs, per_turn, step):
+        seen.update(trajs=trajs, per_turn=per_turn, stats=update(trajs, per_turn, step))
+        return seen["stats"]
+
+    trainer.update = spy
+    trainer.train()
+    samples = [json.loads(l) for l in open(tmp_path / "turns" / "samples.jsonl")]
+    G, divergence = cfg["train"]["group_size"], trainer.turn_divergence
+    assert len(samples) == len(seen["trajs"]) // G
+    for j, s in enumerate(samples):       # samples.jsonl keeps the first rollout of each group
+        i = j * G
+        assert len(s["turn_advantages"]) == len(s["turn_divergence"]) == len(s["states"]) > 0
+        assert s["turn_advantages"] == pytest.approx(seen["per_turn"][i].tolist(), abs=1e-5)
+        assert s["turn_divergence"] == pytest.approx([divergence[i][k] for k in range(len(s["states"]))], abs=1e-6)
+    # every turn of the step has one divergence, and with uniform turn weights the AOPSD term of the
+    # loss is their mean: loss - stpr.coef * pg = aopsd.coef * mean over turns
+    turns = [v for d in divergence.values() for v in d.values()]
+    assert len(turns) == sum(t.n_turns for t in seen["trajs"]) and min(turns) > 0
+    stats = seen["stats"]
+    aopsd_term = stats["loss"] - cfg["stpr"]["coef"] * stats["pg_loss"]
+    assert aopsd_term == pytest.approx(cfg["aopsd"]["coef"] * sum(turns) / len(turns), rel=1e-4)
+    # progress (rollout turns, then the update's micro-batches) goes to stderr; stdout keeps the step line
+    out, err = capsys.readouterr()
+    assert "step 1 rollouts" in err and "step 1 update" in err and "turn" in err
+    assert "\r" not in out and "it/s" not in out and "step   1 | loss" in out
