@@ -89,6 +89,37 @@ def test_resume_reproduces_a_straight_run(tiny_dir, tmp_path):
     assert la == lb
 
 
+def test_a_damaged_checkpoint_is_named_and_the_run_resumes_from_the_one_before(tiny_dir, tmp_path):
+    """The newest trainer.pt cut to 1,000 bytes (a disk that filled up): --resume names the file in one
+    sentence, sets the folder aside and continues from the complete checkpoint before it, reproducing
+    the lost step exactly; with no complete checkpoint left it refuses in one sentence."""
+    run = tmp_path / "run"
+    first = savpo.Trainer(tiny_cfg(tiny_dir, run), log=lambda *a: None)      # 2 steps, a checkpoint after each
+    first.train()
+    straight = lora_state(first.model)
+    ckpts = run / "checkpoints"
+    damaged = ckpts / "step_000002" / "trainer.pt"
+    damaged.write_bytes(damaged.read_bytes()[:1000])
+    said = []
+    resumed = savpo.Trainer(tiny_cfg(tiny_dir, run), resume=True, log=said.append)
+    assert f"checkpoint file {damaged} (" in said[0] and "resumes from step_000001" in said[0] and "\n" not in said[0]
+    assert resumed.step == 1 and (ckpts / "step_000002.damaged").is_dir()
+    assert [json.loads(line)["step"] for line in open(run / "metrics.jsonl")] == [1]
+    resumed.train()
+    assert [json.loads(line)["step"] for line in open(run / "metrics.jsonl")] == [1, 2]
+    again = lora_state(resumed.model)
+    for n in straight:
+        torch.testing.assert_close(again[n], straight[n], atol=1e-6, rtol=1e-5)
+    for step in ("step_000001", "step_000002"):          # nothing complete left: refuse, do not start over
+        pt = ckpts / step / "trainer.pt"
+        pt.write_bytes(pt.read_bytes()[:1000])
+    with pytest.raises(SystemExit) as leave:
+        savpo.main(["--resume", f"out_dir={run}"])
+    message = str(leave.value)
+    assert "is damaged and no complete checkpoint precedes it" in message and "step_000001" in message
+    assert "\n" not in message and "without --resume" in message
+
+
 def test_one_base_model_serves_every_role(tiny_dir, tmp_path):
     trainer = savpo.Trainer(tiny_cfg(tiny_dir, tmp_path / "one"), log=lambda *a: None)
     from transformers import AutoModelForCausalLM
