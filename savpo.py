@@ -105,6 +105,7 @@ def teacher_context(model, teacher):
 
 @contextlib.contextmanager
 def _ema_adapter(model):
+    """The averaged adapter 'ema' active inside the block, the student's 'default' after it."""
     model.set_adapter("ema")
     try:
         yield

@@ -136,6 +136,7 @@ def make_rollout_func(cfg, personas_by_id, simulator):
     aopsd = cfg["aopsd"]
 
     def rollout_func(prompts, trainer):
+        """Step k's calls for these persona ids, played with the current adapter (savpo.py's seed on rank 0)."""
         unknown = [p for p in prompts if p not in personas_by_id]
         if unknown:
             raise ValueError(f"prompt {unknown[0]!r} is not a persona id of this run's schedule; the dataset's "
@@ -284,6 +285,7 @@ def adapter_checksums(trainer):
 
 
 def main(argv=None):
+    """The command line: config + overrides -> a TRL run -> the adapter, its checksums, a held-out evaluation."""
     try:
         cfg, flags = config.from_argv(argv)
     except config.ConfigError as e:
