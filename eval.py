@@ -24,6 +24,9 @@ The pilot study (`--pilot`) is the paper's first experiment in miniature: the ba
 conversation-only view, the *same* base policy given the privileged view (hidden concerns in its
 prompt, `aopsd.placement`), and any trained adapters, compared by pass@k for k = 1..n. The report
 says plainly whether the privileged policy beats the base one here.
+
+`compare` (SAVPO against GRPO and the ablations over several seeds) trains every preset, so its command
+is the trainer's: `python savpo.py --compare --seeds 0,1,2 --personas 24 --n 2 train.steps=4`.
 """
 
 import argparse
@@ -35,6 +38,7 @@ import shutil
 
 import torch
 
+import checkpoint
 import config
 import lm
 import personas as P
@@ -137,6 +141,23 @@ def breakdown(trajs):
             groups.setdefault(getattr(t.persona, attr), []).append(t)
         out[key] = {g: aggregate(ts) for g, ts in sorted(groups.items())}
     return out
+
+
+def summarize(trajs):
+    """Success rate, willingness gain and concern rates of one training step's trajectories: the line
+    each trainer logs per step (savpo.py, trl_savpo.py)."""
+    n = max(1, len(trajs))
+    concerns = sum(len(t.persona.concerns) for t in trajs) or 1
+    final = [t.states[-1] if t.states else None for t in trajs]
+    gain = [f["willingness"] - t.persona.willingness for t, f in zip(trajs, final) if f]
+    status = [v for f in final if f for v in f["concern_status"].values()]
+    return {"success_rate": round(sum(t.reward for t in trajs) / n, 4),
+            "willingness_gain": round(sum(gain) / max(1, len(gain)), 4),
+            "reveal_rate": round(sum(s != "hidden" for s in status) / concerns, 4),
+            "resolve_rate": round(sum(s == "resolved" for s in status) / concerns, 4),
+            "turns": round(sum(t.n_turns for t in trajs) / n, 2),
+            "agent_tokens": sum(sum(t.agent_mask) for t in trajs)}
+
 
 
 # --------------------------------------------------------------------------- statistics over personas
@@ -370,15 +391,16 @@ def plot_curves(run_dir):
 ALGOS = ("grpo", "savpo", "distill", "refine")
 
 
-def compare(config_path, overrides, seeds, n_personas, n, out, algos=ALGOS):
+def compare(config_path, overrides, seeds, n_personas, n, out, train, algos=ALGOS):
     """Train every preset in `algos` for every seed at the same rollout budget (the config, with
-    `algo` and `seed` set; a run that is already complete is reused, a killed one resumed), then play
+    `algo` and `seed` set; a run that is already complete is reused, a killed one resumed) with
+    `train(run_cfg, resume)` -- savpo.py's `--compare` passes its Trainer, so this module never imports
+    the trainer (savpo.py imports this one for its periodic evaluation) -- then play
     the base policy, the base policy given the privileged view (the pilot) and every adapter on the
     same held-out personas with the same sampling seed. Writes compare.json, compare.md (one table:
     each policy's means with 95% bootstrap intervals over personas -- an algorithm's adapters of
     all seeds averaged per persona first -- and its paired difference from the base policy) and
     compare.png (the same intervals as error bars)."""
-    import savpo   # savpo imports this module at the top; imported here, no cycle
     cfg = config.load(config_path, overrides)
     os.makedirs(out, exist_ok=True)
     config.save(cfg, out)
@@ -393,7 +415,7 @@ def compare(config_path, overrides, seeds, n_personas, n, out, algos=ALGOS):
                 if not resume:
                     shutil.rmtree(run_dir, ignore_errors=True)
                 print(f"training {algo}, seed {seed} -> {run_dir}", flush=True)
-                savpo.Trainer(run_cfg, resume=resume).train()
+                train(run_cfg, resume)
             adapters[(algo, seed)] = final
     personas = eval_personas(cfg, n_personas)
     tokenizer, model = lm.load_model(cfg["model"])
@@ -446,6 +468,26 @@ def compare(config_path, overrides, seeds, n_personas, n, out, algos=ALGOS):
     return result
 
 
+def compare_main(argv, train):
+    """The comparison's command line, `python savpo.py --compare [--seeds 0,1,2 --personas N --n N --out DIR
+    --config PATH] [key=value ...]`: savpo.py hands over its arguments and its Trainer as `train`."""
+    parser = argparse.ArgumentParser(prog="savpo.py --compare", description="Train every preset over seeds and "
+                                     "compare them with the base policy and the pilot on held-out personas.")
+    parser.add_argument("--compare", action="store_true")
+    parser.add_argument("--seeds", default="0,1,2", help="training seeds")
+    parser.add_argument("--personas", type=config.positive_int, default=64, help="held-out personas")
+    parser.add_argument("--n", type=config.positive_int, default=4, help="sampled dialogues per persona")
+    parser.add_argument("--out", default="runs/compare", help="output folder")
+    parser.add_argument("--config", default=None)
+    parser.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
+    args = parser.parse_intermixed_args(argv)
+    try:
+        seeds = [int(x) for x in args.seeds.split(",")]
+        return compare(args.config, args.overrides, seeds, args.personas, args.n, args.out, train)
+    except (config.ConfigError, lm.ModelError, P.DomainError, checkpoint.CheckpointError, ValueError) as e:
+        raise SystemExit(f"--compare: {e}")
+
+
 def _compare_plot(result, path):
     import matplotlib
     matplotlib.use("Agg")
@@ -482,20 +524,14 @@ def main(argv=None):
                         help="held-out personas (default personas.eval_n)")
     parser.add_argument("--appraiser", choices=["lexical", "llm", "generative"], help="cross-simulator: appraiser")
     parser.add_argument("--simulator-model", help="cross-simulator: another model plays the user")
-    parser.add_argument("--compare", action="store_true",
-                        help="train grpo/savpo/distill/refine for every --seeds and compare them with base and pilot")
-    parser.add_argument("--seeds", default="0,1,2", help="--compare: training seeds")
-    parser.add_argument("--out", default=None, help="output folder (default runs/eval, or runs/compare)")
+    parser.add_argument("--compare", action="store_true", help="moved: python savpo.py --compare (it trains)")
+    parser.add_argument("--out", default="runs/eval", help="output folder")
     parser.add_argument("--config", default=None)
     parser.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
     args = parser.parse_args(argv)
     if args.compare:
-        try:
-            seeds = [int(x) for x in args.seeds.split(",")]
-            return compare(args.config, args.overrides, seeds, args.personas or 64, args.n, args.out or "runs/compare")
-        except (config.ConfigError, lm.ModelError, P.DomainError, ValueError) as e:
-            raise SystemExit(f"eval --compare: {e}")
-    args.out = args.out or "runs/eval"
+        raise SystemExit("the comparison trains every preset, so it runs from the trainer: python savpo.py "
+                         "--compare --seeds 0,1,2 --personas 24 --n 2 [key=value ...]")
     try:
         cfg = config.load(args.config, args.overrides + ([f"simulator.appraiser={args.appraiser}"]
                                                           if args.appraiser else []))

@@ -41,12 +41,13 @@ import torch
 
 import ask_data as D
 import ask_reward as R
+import checkpoint
 import config
 import eval as evaluation
 import lm
+import losses
 import personas as P
 import rollout
-import savpo
 import simulator as S
 from rollout import KVBatch
 
@@ -135,8 +136,8 @@ def grpo_update(model, optimizer, prompts, completions, advantages, lt, temperat
                 old.update(zip(idx, logp.detach().split([len(completions[i][0]) for i in idx])))
             old_logp = torch.cat([old[i] for i in idx])
             adv = torch.tensor([float(advantages[i]) for i in idx for _ in completions[i][0]], device=logits.device)
-            pg, clip, _ = savpo.clipped_pg_loss(logp[None], old_logp[None], adv[None], torch.ones_like(adv)[None],
-                                                lt["eps_low"], lt["eps_high"])
+            pg, clip, _ = losses.clipped_pg_loss(logp[None], old_logp[None], adv[None], torch.ones_like(adv)[None],
+                                                 lt["eps_low"], lt["eps_high"])
             (pg * len(target) / total).backward()
             stats["pg_loss"] += pg.item() * len(target) / total / lt["epochs"]
             stats["clip_frac"] += clip.item() * len(target) / total / lt["epochs"]
@@ -148,8 +149,8 @@ def grpo_update(model, optimizer, prompts, completions, advantages, lt, temperat
 
 
 def save_checkpoint(model, optimizer, step, root):
-    """The savpo.py checkpoint layout and atomic `latest` pointer."""
-    return savpo.write_checkpoint(root, step, model, {"optimizer": optimizer.state_dict(), "step": step,
+    """savpo.py's checkpoint layout and atomic `latest` pointer (checkpoint.py)."""
+    return checkpoint.write(root, step, model, {"optimizer": optimizer.state_dict(), "step": step,
                                                       "rng": {"torch": torch.get_rng_state(),
                                                               "python": random.getstate()}})
 
@@ -172,7 +173,7 @@ def step_batches(samples, k, stop_fraction, seed):
 
 def train(cfg, resume=False):
     """GRPO over single-step samples: each step, `samples_per_step` samples x `group_size` sampled
-    replies -> rewards -> advantages normalised within each sample's group (savpo.stpr_advantages in
+    replies -> rewards -> advantages normalised within each sample's group (losses.stpr_advantages in
     'outcome' mode) -> clipped policy gradient on the LoRA policy. Logs and checkpoints as savpo.py."""
     lt = cfg["learn_to_ask"]
     out, seed = lt["out_dir"], cfg["seed"]
@@ -186,19 +187,16 @@ def train(cfg, resume=False):
     model = lm.add_lora(base, cfg["lora"])
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lt["lr"], weight_decay=0.0)
     grade, step = R.make_grader(cfg, model, tokenizer), 0
-    if resume:
-        from peft import set_peft_model_state_dict
-        from peft.utils import load_peft_weights
-        latest = os.path.join(out, "checkpoints", "latest")
-        if not os.path.exists(latest):
-            raise D.LogError(f"--resume: no checkpoint in {out}/checkpoints; start without --resume.")
-        path = os.path.join(out, "checkpoints", open(latest).read().strip())
-        set_peft_model_state_dict(model, load_peft_weights(os.path.join(path, "adapter")))
-        state = torch.load(os.path.join(path, "trainer.pt"), weights_only=False)
+    if resume:   # the newest complete checkpoint (a damaged one is reported and skipped)
+        try:
+            _, state = checkpoint.load(os.path.join(out, "checkpoints"), model)
+        except checkpoint.CheckpointError as e:
+            raise D.LogError(str(e)) from None
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
         step = state["step"]
+        checkpoint.truncate_jsonl(metrics_path, step)    # lines logged after the checkpoint are replayed
     config.save(cfg, out)
     k, G, T = lt["samples_per_step"], lt["group_size"], lt["temperature"]
     batches = step_batches(samples, k, lt["stop_fraction"], seed)
@@ -215,7 +213,7 @@ def train(cfg, resume=False):
         flat = [c for g in groups for c in g]                                    # (k * G) completions
         records = R.score([s for s in batch for _ in range(G)], [c[2] for c in flat], grade, lt)
         rewards = torch.tensor([r["R"] for r in records])
-        adv, _ = savpo.stpr_advantages(rewards, [torch.zeros(1)] * len(flat), torch.arange(k).repeat_interleave(G), "outcome")
+        adv, _ = losses.stpr_advantages(rewards, [torch.zeros(1)] * len(flat), torch.arange(k).repeat_interleave(G), "outcome")
         stats = grpo_update(model, optimizer, [p for p in prompts for _ in range(G)], flat, adv, lt, T)
         n_tok = sum(len(c[0]) for c in flat)
         record = {"step": step + 1, **R.summarize(records), "reward_std": round(float(rewards.std(unbiased=False)), 4),

@@ -130,8 +130,8 @@ def load_model(model_cfg):
                 bnb_4bit_compute_dtype=dtype)
         else:
             kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
-    if device == "cuda":
-        kwargs["device_map"] = {"": 0}
+    if device == "cuda":   # this process's GPU (accelerate / torchrun set it per process; 0 when alone)
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if device != "cuda" and quant == "none":

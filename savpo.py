@@ -3,27 +3,23 @@
     python savpo.py                                  # default config: CPU, embedded 135M model, ~10 min
     python savpo.py algo=grpo train.steps=20         # a baseline, any config override
     python savpo.py --resume out_dir=runs/default    # continue a run exactly where it stopped
+    python savpo.py --compare --seeds 0,1,2 --personas 24 --n 2 train.steps=4   # every preset, evaluated (eval.py)
 
 SAVPO (Simulator-induced Asymmetric-View Policy Optimization) trains one LoRA policy on its own
-rollouts with two objectives:
+rollouts with two objectives, defined with their formulas in losses.py:
 
-- AOPSD (Asymmetric On-Policy Self-Distillation). The *privileged view* of a dialogue is the
-  student's token sequence with a note of the callee's hidden concerns inserted (`aopsd.placement`:
-  after the system block, or before every agent turn). The same network reads it without gradient
-  and is the teacher; the student reads the conversation-only view. Per agent token t:
-      KL_t = sum_v p_T(v | privileged prefix) [log p_T(v | ...) - log p_S(v | student prefix)]
-  averaged within each agent turn, then over turns (uniform, or weighted by |delta willingness|):
-      L_AOPSD = sum_(i,k) w_ik mean_(t in turn k of i) KL_t / sum_(i,k) w_ik
-- STPR (State-Transition Policy Refinement). The trajectory advantage is group-normalised from the
-  final decision, A_i = (R_i - mean_G R) / (std_G R + eps) with R_i = 1 iff the callee accepted; the
-  *direction* of each turn's advantage comes from the willingness shift dw_ik that turn caused:
-      A_ik = |A_i| sign(dw_ik)        (sign(A_i) where dw_ik = 0)
-  and a clipped policy gradient with asymmetric clip (eps_low, eps_high) uses A_ik on every token
-  of turn k:  L_STPR = -mean_t min(r_t A, clip(r_t, 1 - eps_low, 1 + eps_high) A),  r_t = p/p_old.
+- AOPSD (Asymmetric On-Policy Self-Distillation): the same network, reading the *privileged view*
+  (the student's tokens with a note of the callee's hidden concerns inserted, `aopsd.placement`:
+  after the system block, or before every agent turn) without gradient, is the teacher of the
+  student's conversation-only view: a per-token divergence on the agent's tokens, averaged within
+  each agent turn, then over turns.
+- STPR (State-Transition Policy Refinement): a clipped policy gradient whose per-turn advantage has
+  its magnitude from the final decision (group-normalised, as in GRPO) and its direction from the
+  willingness shift the turn caused.
 
 Total: L = stpr.coef * L_STPR + aopsd.coef * L_AOPSD (+ stpr.ref_kl * KL to the adapter-free base).
 Presets (`algo`): savpo = both; grpo = outcome advantages on every turn, no distillation;
-distill = AOPSD only; refine = STPR only.
+distill = AOPSD only; refine = STPR only. trl_savpo.py runs the same objective on TRL's GRPOTrainer.
 
 What is simplified or chosen here where the paper is silent (its full text is not public): the
 binary reward, population std in the group normalisation, the sign rule at dw = 0, the KL on raw
@@ -34,10 +30,8 @@ batch of rollouts by default.
 
 import contextlib
 import json
-import math
 import os
 import random
-import shutil
 import signal
 import sys
 import threading
@@ -46,193 +40,18 @@ import warnings
 
 import torch
 
+import checkpoint
 import config
 import eval as evaluation  # eval.py; the module name is the design's, the alias avoids the builtin
 import lm
+import losses
 import personas as P
 import rollout
 import simulator as S
 
 
 # =============================================================================================
-# Losses: pure functions of tensors
-# =============================================================================================
-
-def _segment_mean(values, segments, n_segments):
-    """Mean of `values` (N,) within each segment id (N,) -> (n_segments,), 0 for empty segments."""
-    sums = torch.zeros(n_segments, dtype=values.dtype, device=values.device).index_add(0, segments, values)
-    counts = torch.zeros(n_segments, dtype=values.dtype, device=values.device).index_add(
-        0, segments, torch.ones_like(values))
-    return sums / counts.clamp(min=1), counts
-
-
-def divergence(teacher_logp, student_logp, kind="forward", alpha=0.5):
-    """Per-row divergence between two distributions given as log-probs over the same support (n, K),
-    in TRL's convention (`trl/experimental/sdft/loss_utils.py`, `alpha`):
-
-      forward  (alpha 0)  KL(teacher || student) = sum_v p_T (log p_T - log p_S)   [mode-covering]
-      reverse  (alpha 1)  KL(student || teacher) = sum_v p_S (log p_S - log p_T)   [mode-seeking]
-      jsd      (alpha)    (1 - alpha) KL(student || m) + alpha KL(teacher || m),
-                          m = alpha p_T + (1 - alpha) p_S   (generalised JSD; 0.5 = the symmetric JSD)
-
-    Returns (n,), non-negative. Example, p_T = [0.25, 0.75], p_S = [0.5, 0.5]: forward 0.1308,
-    reverse 0.1438, jsd(0.5) 0.0338 (each term against m = [0.375, 0.625])."""
-    if kind == "forward":
-        return (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1)
-    if kind == "reverse":
-        return (student_logp.exp() * (student_logp - teacher_logp)).sum(-1)
-    if kind == "jsd":
-        m = torch.logsumexp(torch.stack([teacher_logp + math.log(alpha), student_logp + math.log1p(-alpha)]), 0)
-        kl_t = (teacher_logp.exp() * (teacher_logp - m)).sum(-1)
-        kl_s = (student_logp.exp() * (student_logp - m)).sum(-1)
-        return (1 - alpha) * kl_s + alpha * kl_t
-    raise ValueError(f"unknown divergence {kind!r}; allowed: forward, reverse, jsd")
-
-
-def _with_tail(logp_top):
-    """Append one bucket holding the mass outside a top-k support: (n, k) -> (n, k + 1), sums to 1."""
-    captured = torch.logsumexp(logp_top, -1, keepdim=True).clamp(max=-1e-7)
-    return torch.cat([logp_top, torch.log(-torch.expm1(captured))], -1)
-
-
-def _token_divergence(teacher_logits, student_logits, kind, alpha, vocab, topk, support):
-    t = torch.log_softmax(teacher_logits.float(), -1)
-    s = torch.log_softmax(student_logits.float(), -1)
-    if vocab == "topk":   # the top-k tokens of one side (`support`), the other projected onto them, + tail
-        idx = (t if support == "teacher" else s).topk(topk, -1).indices                    # (n, k)
-        t, s = _with_tail(t.gather(-1, idx)), _with_tail(s.gather(-1, idx))
-    return divergence(t, s, kind, alpha)
-
-
-def token_divergence(student_logits, teacher_logits, kind="forward", alpha=0.5, vocab="full", topk=64,
-                     support="teacher", chunk=256):
-    """Per-token divergence of (N, V) logits, over the full vocabulary or a top-k support plus a tail
-    bucket (`support`: whose top-k, TRL's `topk_support`), `chunk` rows at a time. Each chunk is
-    recomputed in the backward pass (checkpointing), so the softmax temporaries never exceed
-    chunk x V whatever N and V are. Returns (N,)."""
-    from torch.utils.checkpoint import checkpoint
-    fn = lambda t, s: _token_divergence(t, s, kind, alpha, vocab, topk, support)
-    pieces = []
-    for i in range(0, student_logits.shape[0], chunk):
-        s, t = student_logits[i:i + chunk], teacher_logits[i:i + chunk]
-        pieces.append(checkpoint(fn, t, s, use_reentrant=False) if s.requires_grad else fn(t, s))
-    return torch.cat(pieces) if pieces else student_logits.new_zeros(0)
-
-
-def aopsd_loss(student_logits, teacher_logits, mask, turn_ids, turn_weights=None, weight_total=None,
-               kind="forward", alpha=0.5, vocab="full", topk=64, support="teacher", chunk=256, clip=0.0):
-    """Asymmetric on-policy self-distillation loss.
-
-    student_logits (B, T, V)  the student's logits; position t predicts token t+1 of its sequence
-    teacher_logits (B, T, V)  the teacher's logits gathered at the *same* predicted tokens (aligned)
-    mask           (B, T)     1 where the predicted token is an agent token
-    turn_ids       (B, T)     agent turn of the predicted token (any value where mask = 0)
-    turn_weights   (B, K)     weight of each (trajectory, turn); None = uniform (1 each)
-    weight_total   scalar     the sum of the weights over the *whole optimisation step*; None = the
-                              sum over the turns present here. The trainer passes the step's total,
-                              so splitting a step into micro-batches changes nothing.
-    Returns (loss, mean per-token divergence): per-token divergence (`kind`, `alpha`: see
-    `divergence`), optionally clipped at `clip`, averaged within each turn, then
-    sum_turns w * turn_mean / weight_total.
-
-    Example: one trajectory, two turns with 2 and 1 agent tokens whose divergences are [0.2, 0.4] and
-    [0.9]: turn means [0.3, 0.9]; uniform weights give loss 0.6 (a token mean would give 0.5).
-    """
-    m = mask.bool()
-    div = token_divergence(student_logits[m], teacher_logits[m].detach(), kind, alpha, vocab, topk, support,
-                           chunk)                                                         # (N,)
-    if clip > 0:
-        div = div.clamp(max=clip)
-    n_turns = int(turn_ids[m].max()) + 1 if m.any() else 1
-    rows = torch.arange(mask.shape[0], device=mask.device)[:, None].expand_as(mask)[m]
-    segments = rows * n_turns + turn_ids[m].long()                                       # (N,)
-    turn_div, counts = _segment_mean(div, segments, mask.shape[0] * n_turns)            # (B*K,)
-    present = (counts > 0).to(div.dtype)
-    weights = present if turn_weights is None else turn_weights[:, :n_turns].reshape(-1).to(div.dtype) * present
-    total = weights.sum() if weight_total is None else torch.as_tensor(weight_total, dtype=div.dtype)
-    loss = (turn_div * weights).sum() / total.clamp(min=1e-8)
-    return loss, div.detach().mean() if div.numel() else div.new_zeros(())
-
-
-def stpr_advantages(final_rewards, delta_w, groups, mode="direction", beta=0.5, eps=1e-6):
-    """Per-turn advantages from the final decision (magnitude) and willingness shifts (direction).
-
-    final_rewards (N,)        R_i, 1 iff the callee accepted
-    delta_w       [ (K_i,) ]  willingness change caused by each agent turn of trajectory i
-    groups        (N,)        group id (rollouts of the same persona)
-    mode: 'direction' A_ik = |A_i| sign(dw_ik), sign(A_i) where dw_ik = 0   (SAVPO's STPR)
-          'additive'  A_ik = A_i + beta * dw_ik / rms(all dw of the step)
-          'outcome'   A_ik = A_i                                           (plain GRPO)
-    with A_i = (R_i - mean_G R) / (std_G R + eps), population std within the group (the group is
-    the whole population of the persona's rollouts, as in GRPO/TRL). The statistics are computed in
-    float64, and a group whose rewards are all equal gets exactly A_i = 0: without that, the rounding
-    error of a float32 mean of equal non-dyadic rewards (8 x 3.2), divided by std + eps ~ 1e-6, gives
-    every member a spurious advantage of about -0.2.
-    Returns (trajectory advantages (N,) float32, [ (K_i,) per-turn advantages ]).
-
-    Worked example, one group of 3 rollouts, R = [1, 0, 0]: mean 1/3, std 0.471, so
-    A = [1.414, -0.707, -0.707]. If rollout 2 moved willingness by dw = [+0.5, 0, -0.5], its turn
-    advantages are [+0.707, -0.707, -0.707]: the turn that raised willingness is reinforced even in a
-    failed call, the others are pushed down. In 'outcome' mode all three would be -0.707.
-    """
-    rewards = final_rewards.double()
-    adv = torch.zeros_like(rewards)
-    for g in groups.unique():
-        sel = groups == g
-        r = rewards[sel]
-        if r.max() > r.min():   # equal rewards: no contrast, exactly 0
-            adv[sel] = (r - r.mean()) / (r.std(unbiased=False) + eps)
-    adv = adv.float()
-    # the additive term's unit: the root mean square of the step's willingness shifts (not their std,
-    # which is 0 when every turn moved the same way -- e.g. all off-topic -- and would blow dw up)
-    all_dw = torch.cat([d.float() for d in delta_w]) if delta_w else torch.zeros(0)
-    rms = float(all_dw.pow(2).mean().sqrt()) if all_dw.numel() else 0.0
-    dw_scale = rms + eps if rms > 0 else 1.0
-    per_turn = []
-    for a, dw in zip(adv, delta_w):
-        dw = dw.float()
-        if mode == "direction":
-            direction = torch.where(dw != 0, torch.sign(dw), torch.sign(a).expand_as(dw))
-            per_turn.append(a.abs() * direction)
-        elif mode == "additive":
-            per_turn.append(a + beta * dw / dw_scale)
-        elif mode == "outcome":
-            per_turn.append(a.expand_as(dw).clone())
-        else:
-            raise ValueError(f"unknown stpr.mode {mode!r}; allowed: direction, additive, outcome")
-    return adv, per_turn
-
-
-def clipped_pg_loss(logp, old_logp, adv, mask, eps_low=0.2, eps_high=0.28):
-    """Token-mean clipped policy-gradient (PPO/GRPO) objective.
-
-    logp, old_logp, adv, mask: (B, T).
-    loss = -sum_t mask_t min(r_t A_t, clip(r_t, 1 - eps_low, 1 + eps_high) A_t) / sum_t mask_t
-    Returns (loss, clip_frac, outside_frac) over the masked tokens:
-      clip_frac     where the clip removed the gradient: r < 1 - eps_low with A < 0, or
-                    r > 1 + eps_high with A > 0 (TRL's `clip_ratio/region_mean`);
-      outside_frac  where r is outside [1 - eps_low, 1 + eps_high] whatever the sign of A.
-    """
-    ratio = torch.exp(logp - old_logp)
-    clipped_ratio = ratio.clamp(1 - eps_low, 1 + eps_high)
-    objective = torch.minimum(ratio * adv, clipped_ratio * adv)
-    n = mask.sum().clamp(min=1)
-    loss = -(objective * mask).sum() / n
-    low, high = ratio < 1 - eps_low, ratio > 1 + eps_high
-    clipped = (low & (adv < 0)) | (high & (adv > 0))
-    clip_frac = (clipped.float() * mask).sum() / n
-    outside_frac = ((low | high).float() * mask).sum() / n
-    return loss, clip_frac.detach(), outside_frac.detach()
-
-
-def ref_kl(logp, ref_logp, mask):
-    """k3 estimate of KL(policy || reference) per token, token-mean: exp(d) - d - 1, d = ref - logp."""
-    d = ref_logp - logp
-    return ((torch.exp(d) - d - 1) * mask).sum() / mask.sum().clamp(min=1)
-
-
-# =============================================================================================
-# Batching trajectories for the update
+# From trajectories to the loss terms (shared with trl_savpo.py)
 # =============================================================================================
 
 def agent_targets(traj):
@@ -249,6 +68,83 @@ def policy_logits(model, trajs, targets):
     cols = torch.tensor([j for tg in targets for j in tg[0]], dtype=torch.long)
     # tokens after a trajectory's last agent token (the callee's closing line) predict nothing we train
     return lm.selected_logits(model, [t.ids[:tg[0][-1] + 1] for t, tg in zip(trajs, targets)], (rows, cols))
+
+
+def step_advantages(trajs, stpr_cfg):
+    """STPR advantages of one step's trajectories: (trajectory advantages (N,), [per-turn (K_i,)]), the
+    group being the rollouts of one persona (`Trajectory.group`)."""
+    rewards = torch.tensor([t.reward for t in trajs])
+    dws = [torch.tensor([s["delta_willingness"] for s in t.states], dtype=torch.float32) for t in trajs]
+    groups = torch.tensor([t.group for t in trajs])
+    return losses.stpr_advantages(rewards, dws, groups, stpr_cfg["mode"], stpr_cfg["beta"])
+
+
+def turn_weights(trajs, weighting):
+    """AOPSD weight of every agent turn of one step's trajectories, [{turn: w}], and their sum over the
+    step: 1 per turn (`uniform`) or the |delta willingness| the turn caused (`willingness`). A step in
+    which no turn moved willingness falls back to uniform (all-zero weights would make the term 0/0)."""
+    turns = [sorted({k for k, m in zip(t.turn_ids, t.agent_mask) if m}) for t in trajs]
+    weights = [{k: 1.0 if weighting == "uniform" else abs(t.states[k]["delta_willingness"]) for k in ks}
+               for t, ks in zip(trajs, turns)]
+    total = sum(w for ws in weights for w in ws.values())
+    if total <= 0:
+        weights = [{k: 1.0 for k in ws} for ws in weights]
+        total = sum(len(ws) for ws in weights)
+    return weights, total
+
+
+def teacher_context(model, teacher):
+    """The teacher's weights (`aopsd.teacher`): `fixed` = the adapter disabled (the initial policy),
+    `ema` = the averaged adapter 'ema', `live` = the current adapter."""
+    if teacher == "fixed":
+        return lm.adapter_off(model)
+    if teacher == "ema":
+        return _ema_adapter(model)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _ema_adapter(model):
+    """The averaged adapter 'ema' active inside the block, the student's 'default' after it."""
+    model.set_adapter("ema")
+    try:
+        yield
+    finally:
+        model.set_adapter("default")
+
+
+@torch.no_grad()
+def teacher_logits(model, tokenizer, batch, targets, aopsd_cfg):
+    """The privileged view of each trajectory through the teacher, at the positions predicting the same
+    agent tokens as the student's (N, V) logits, in eval mode (the student's mode is restored)."""
+    rows, b_idx, c_idx = [], [], []
+    for b, (tr, tg) in enumerate(zip(batch, targets)):
+        teacher_ids, index = rollout.teacher_view(tr, rollout.note_ids(tokenizer, tr.persona), aopsd_cfg["placement"])
+        for j in tg[0]:
+            b_idx.append(b)
+            c_idx.append(index[j + 1] - 1)     # the teacher position predicting token j + 1
+        rows.append(teacher_ids[:c_idx[-1] + 1])
+    was_training = model.training
+    model.eval()  # deterministic teacher
+    with teacher_context(model, aopsd_cfg["teacher"]):
+        logits = lm.selected_logits(model, rows, (torch.tensor(b_idx), torch.tensor(c_idx)))
+    model.train(was_training)
+    return logits
+
+
+def aopsd_term(student_logits, teacher, targets, weights, weight_total, aopsd_cfg):
+    """L_AOPSD of a few trajectories from the (N, V) student and teacher logits at their agent tokens
+    (`targets` order), `weights` [{turn: w}] per trajectory, normalised by the whole step's weight
+    total: (loss, mean per-token divergence)."""
+    a, device = aopsd_cfg, student_logits.device
+    pairs = [(b, k) for b, tg in enumerate(targets) for k in tg[3]]             # (trajectory, turn) of each token
+    keys = sorted(set(pairs))
+    segment = torch.tensor([keys.index(p) for p in pairs], device=device)                          # (N,)
+    turn_w = torch.tensor([[weights[b][k] for b, k in keys]], device=device)                       # (1, K)
+    ones = torch.ones(1, len(pairs), device=device)
+    return losses.aopsd_loss(student_logits[None], teacher[None], ones, segment[None], turn_w, weight_total,
+                             a["divergence"], a["alpha"], a["vocab"], a["topk"], a["topk_support"], a["chunk"],
+                             a["clip"])
 
 
 # =============================================================================================
@@ -302,14 +198,6 @@ class Trainer:
                     q = params[name.replace(f".{src}.", f".{dst}.")]
                     q.mul_(decay).add_(p.detach(), alpha=1 - decay)
 
-    def _teacher_ctx(self):
-        mode = self.cfg["aopsd"]["teacher"]
-        if mode == "fixed":
-            return lm.adapter_off(self.model)
-        if mode == "ema":
-            return _ActiveAdapter(self.model, "ema")
-        return contextlib.nullcontext()  # live: the current adapter
-
     # -- one step ------------------------------------------------------------------------------
     def personas_for(self, step):
         """The training personas of step `step` (0-based): a function of the seed and the step only."""
@@ -331,17 +219,7 @@ class Trainer:
         return trajs, seconds, generated
 
     def advantages(self, trajs):
-        rewards = torch.tensor([t.reward for t in trajs])
-        dws = [torch.tensor([s["delta_willingness"] for s in t.states], dtype=torch.float32) for t in trajs]
-        groups = torch.tensor([t.group for t in trajs])
-        st = self.cfg["stpr"]
-        return stpr_advantages(rewards, dws, groups, st["mode"], st["beta"])
-
-    def _turn_weights(self, traj, turns):
-        """AOPSD weight of each agent turn in `turns`: 1 (uniform) or |delta willingness| it caused."""
-        if self.cfg["aopsd"]["turn_weighting"] == "uniform":
-            return {k: 1.0 for k in turns}
-        return {k: abs(traj.states[k]["delta_willingness"]) for k in turns}
+        return step_advantages(trajs, self.cfg["stpr"])
 
     def update(self, trajs, per_turn_adv, step):
         """`train.epochs` passes of micro-batched updates over this step's rollouts, one optimizer step
@@ -355,11 +233,7 @@ class Trainer:
         self.turn_divergence = {}
         trainable = [i for i, tr in enumerate(trajs) if sum(tr.agent_mask) > 0]
         targets = {i: agent_targets(trajs[i]) for i in trainable}
-        weights = {i: self._turn_weights(trajs[i], sorted(set(targets[i][3]))) for i in trainable}
-        weight_total = sum(w for i in trainable for w in weights[i].values())
-        if weight_total <= 0:   # every turn weight of the step is 0 (no willingness moved): uniform
-            weights = {i: {k: 1.0 for k in weights[i]} for i in trainable}
-            weight_total = sum(len(weights[i]) for i in trainable)
+        weights, weight_total = turn_weights(trajs, a["turn_weighting"])
         norm = {"tokens": sum(len(targets[i][0]) for i in trainable), "weight_total": weight_total}
         # a trajectory with no PG signal needs no forward at all when nothing else uses it (grpo/refine)
         pg_signal = lambda i: st["coef"] > 0 and bool((per_turn_adv[i] != 0).any())
@@ -434,22 +308,17 @@ class Trainer:
         loss = logits.new_zeros((), dtype=torch.float32)
         if st["coef"] > 0:
             adv = torch.tensor([float(per_turn_adv[chunk[b]][k]) for b, k in pairs], device=device)   # (N,)
-            pg, clip_frac, outside = clipped_pg_loss(logp[None], old_logp[None], adv[None], ones,
-                                                     st["eps_low"], st["eps_high"])
+            pg, clip_frac, outside = losses.clipped_pg_loss(logp[None], old_logp[None], adv[None], ones,
+                                                            st["eps_low"], st["eps_high"])
             loss = loss + st["coef"] * pg * token_share
             stats["pg_loss"] += float(pg.detach()) * token_share
             stats["clip_frac"] += float(clip_frac) * token_share
             stats["outside_frac"] += float(outside) * token_share
         if a["coef"] > 0:
             t0 = time.perf_counter()
-            teacher_logits = self._teacher_logits(batch, tgs)                                  # (N, V)
+            teacher = teacher_logits(self.model, self.tokenizer, batch, tgs, a)                 # (N, V)
             stats["teacher_s"] += time.perf_counter() - t0
-            keys = sorted(set(pairs))
-            segment = torch.tensor([keys.index(p) for p in pairs], device=device)
-            turn_w = torch.tensor([[weights[chunk[b]][k] for b, k in keys]], device=device)
-            kl_loss, kl_mean = aopsd_loss(logits[None], teacher_logits[None], ones, segment[None], turn_w,
-                                          norm["weight_total"], a["divergence"], a["alpha"], a["vocab"],
-                                          a["topk"], a["topk_support"], a["chunk"], a["clip"])
+            kl_loss, kl_mean = aopsd_term(logits, teacher, tgs, [weights[i] for i in chunk], norm["weight_total"], a)
             loss = loss + a["coef"] * kl_loss
             stats["aopsd_kl"] += float(kl_mean) * token_share
             if first_pass:   # each turn's mean divergence, as the loss averaged it, for samples.jsonl
@@ -463,30 +332,10 @@ class Trainer:
             with torch.no_grad(), lm.adapter_off(self.model):
                 ref_logits = policy_logits(self.model, batch, tgs)
             ref_logp = lm.token_logprobs(ref_logits, target_ids, self.cfg["rollout"]["temperature"])
-            kl_ref = ref_kl(logp[None], ref_logp[None], ones)
+            kl_ref = losses.ref_kl(logp[None], ref_logp[None], ones)
             loss = loss + st["ref_kl"] * kl_ref * token_share
             stats["ref_kl"] += float(kl_ref.detach()) * token_share
         return loss
-
-    @torch.no_grad()
-    def _teacher_logits(self, batch, targets):
-        """The privileged view of each trajectory through the teacher, at the positions predicting
-        the same agent tokens as the student's (N, V) logits."""
-        a = self.cfg["aopsd"]
-        rows, b_idx, c_idx = [], [], []
-        for b, (tr, tg) in enumerate(zip(batch, targets)):
-            teacher_ids, index = rollout.teacher_view(tr, rollout.note_ids(self.tokenizer, tr.persona),
-                                                      a["placement"])
-            for j in tg[0]:
-                b_idx.append(b)
-                c_idx.append(index[j + 1] - 1)     # the teacher position predicting token j + 1
-            rows.append(teacher_ids[:c_idx[-1] + 1])
-        was_training = self.model.training
-        self.model.eval()  # deterministic teacher; the student's mode is restored below
-        with self._teacher_ctx():
-            logits = lm.selected_logits(self.model, rows, (torch.tensor(b_idx), torch.tensor(c_idx)))
-        self.model.train(was_training)
-        return logits
 
     # -- evaluation, logging, checkpoints ------------------------------------------------------
     def evaluate(self):
@@ -500,26 +349,14 @@ class Trainer:
         rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
-        return write_checkpoint(self.checkpoint_dir(), self.step, self.model, {
+        return checkpoint.write(self.checkpoint_dir(), self.step, self.model, {
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "step": self.step, "skipped_steps": self.skipped_steps, "rng": rng})
 
     def _load_checkpoint(self):
-        from peft import set_peft_model_state_dict
-        from peft.utils import load_peft_weights
-        root = self.checkpoint_dir()
-        latest = os.path.join(root, "latest")
-        if not os.path.exists(latest):
-            raise SystemExit(f"--resume: no checkpoint in {root}; start without --resume or set out_dir "
-                             f"to the run to continue.")
-        path = os.path.join(root, open(latest).read().strip())
-        for adapter in os.listdir(os.path.join(path, "adapter")):
-            sub = os.path.join(path, "adapter", adapter)
-            if os.path.isdir(sub):  # extra adapters (ema) are saved in sub-folders
-                set_peft_model_state_dict(self.model, load_peft_weights(sub), adapter_name=adapter)
-        set_peft_model_state_dict(self.model, load_peft_weights(os.path.join(path, "adapter")),
-                                  adapter_name="default")
-        state = torch.load(os.path.join(path, "trainer.pt"), weights_only=False)
+        """Continue from the newest complete checkpoint (checkpoint.load: a damaged one is reported and
+        skipped); the logs are cut back to its step."""
+        path, state = checkpoint.load(self.checkpoint_dir(), self.model, self.log)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"]["torch"])
@@ -529,7 +366,7 @@ class Trainer:
         self.step, self.skipped_steps = state["step"], state["skipped_steps"]
         # the logs continue from the checkpoint: lines of steps after it (written before a kill) go
         for name in ("metrics.jsonl", "samples.jsonl"):
-            truncate_jsonl(os.path.join(self.out, name), self.step)
+            checkpoint.truncate_jsonl(os.path.join(self.out, name), self.step)
         self.log(f"resumed from {path} at step {self.step}")
 
     def train(self):
@@ -574,7 +411,7 @@ class Trainer:
         groups = {}
         for tr in trajs:
             groups.setdefault(tr.group, set()).add(tr.reward)
-        record = {"step": step + 1, **summarize(trajs),
+        record = {"step": step + 1, **evaluation.summarize(trajs),
                   "groups_with_signal": round(sum(len(r) > 1 for r in groups.values()) / max(1, len(groups)), 4),
                   **{k: round(v, 5) for k, v in stats.items()}, "lr": self.scheduler.get_last_lr()[0],
                   "rollout_tok_s": round(generated / roll_s, 1), "rollout_s": round(roll_s, 1),
@@ -629,62 +466,6 @@ class _DeferredInterrupt:
             signal.signal(signal.SIGINT, self.previous)
 
 
-def truncate_jsonl(path, step):
-    """Keep the lines of a step log whose "step" is <= `step` (atomic rewrite); no file, no-op."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
-    with open(path + ".tmp", "w") as f:
-        f.writelines(keep)
-    os.replace(path + ".tmp", path)
-
-
-def write_checkpoint(root, step, model, trainer_state):
-    """Write root/step_N/{adapter/, trainer.pt} completely, then point root/latest at it with an atomic
-    rename: a kill at any moment leaves the previous checkpoint usable. Keeps the last two."""
-    name = f"step_{step:06d}"
-    tmp, final = os.path.join(root, name + ".tmp"), os.path.join(root, name)
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    model.save_pretrained(os.path.join(tmp, "adapter"))
-    torch.save(trainer_state, os.path.join(tmp, "trainer.pt"))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    with open(os.path.join(root, "latest.tmp"), "w") as f:
-        f.write(name)
-    os.replace(os.path.join(root, "latest.tmp"), os.path.join(root, "latest"))
-    for old in sorted(d for d in os.listdir(root) if d.startswith("step_") and d != name)[:-1]:
-        shutil.rmtree(os.path.join(root, old), ignore_errors=True)
-    return final
-
-
-class _ActiveAdapter:
-    def __init__(self, model, name):
-        self.model, self.name = model, name
-
-    def __enter__(self):
-        self.model.set_adapter(self.name)
-
-    def __exit__(self, *exc):
-        self.model.set_adapter("default")
-
-
-def summarize(trajs):
-    """Success rate, willingness gain and concern rates of a batch of trajectories."""
-    n = max(1, len(trajs))
-    concerns = sum(len(t.persona.concerns) for t in trajs) or 1
-    final = [t.states[-1] if t.states else None for t in trajs]
-    gain = [f["willingness"] - t.persona.willingness for t, f in zip(trajs, final) if f]
-    status = [v for f in final if f for v in f["concern_status"].values()]
-    return {"success_rate": round(sum(t.reward for t in trajs) / n, 4),
-            "willingness_gain": round(sum(gain) / max(1, len(gain)), 4),
-            "reveal_rate": round(sum(s != "hidden" for s in status) / concerns, 4),
-            "resolve_rate": round(sum(s == "resolved" for s in status) / concerns, 4),
-            "turns": round(sum(t.n_turns for t in trajs) / n, 2),
-            "agent_tokens": sum(sum(t.agent_mask) for t in trajs)}
-
-
 def peak_memory_gb():
     if torch.cuda.is_available():
         return round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
@@ -705,10 +486,12 @@ def main(argv=None):
     if "help" in flags or "h" in flags:
         print(__doc__)
         return
-    unknown = set(flags) - {"resume"}
+    unknown = set(flags) - ({"compare", "seeds", "personas", "n", "out"} if "compare" in flags else {"resume"})
     if unknown:
-        raise SystemExit(f"unknown flag --{sorted(unknown)[0]}; savpo.py takes --config PATH, --resume and "
-                         f"key=value overrides.")
+        raise SystemExit(f"unknown flag --{sorted(unknown)[0]}; savpo.py takes --config PATH, --resume, --compare "
+                         f"[--seeds 0,1 --personas N --n N --out DIR] and key=value overrides.")
+    if flags.get("compare"):   # eval.py's comparison of every preset, trained by this file's Trainer
+        return evaluation.compare_main(sys.argv[1:] if argv is None else argv, lambda c, resume: Trainer(c, resume).train())
     if flags.get("resume"):
         saved = os.path.join(cfg["out_dir"], "config.yaml")
         if os.path.exists(saved):
@@ -719,7 +502,7 @@ def main(argv=None):
                          f"another out_dir=...")
     try:
         trainer = Trainer(cfg, resume=bool(flags.get("resume")))
-    except (lm.ModelError, P.DomainError) as e:
+    except (lm.ModelError, P.DomainError, checkpoint.CheckpointError) as e:
         raise SystemExit(str(e))
     print(f"{cfg['algo']}: {len(trainer.train_personas)} training personas, {len(trainer.eval_personas)} held out; "
           f"{sum(p.numel() for p in trainer.params):,} trainable LoRA parameters; writing to {cfg['out_dir']}")

@@ -125,6 +125,7 @@ def test_per_persona_rates(trajs):
 
 
 def test_compare_trains_every_preset_and_reports_intervals(tmp_path, tokenizer):
+    import savpo
     from conftest import make_tiny_model
     tiny = tmp_path / "tiny"
     make_tiny_model(tokenizer).save_pretrained(tiny)
@@ -132,7 +133,8 @@ def test_compare_trains_every_preset_and_reports_intervals(tmp_path, tokenizer):
     overrides = [f"model.name_or_path={tiny}", "train.steps=1", "train.personas_per_step=2", "train.group_size=2",
                  "rollout.max_new_tokens=4", "simulator.max_turns=1", "personas.eval_n=2", "aopsd.placement=system"]
     out = tmp_path / "cmp"
-    result = E.compare(None, overrides, [0, 1], 3, 2, str(out), algos=("grpo", "savpo"))
+    train = lambda cfg, resume: savpo.Trainer(cfg, resume, log=lambda *a: None).train()
+    result = E.compare(None, overrides, [0, 1], 3, 2, str(out), train, algos=("grpo", "savpo"))
     assert set(result) == {"base", "base+privileged(system)", "grpo", "savpo"}
     assert (out / "grpo_seed1" / "checkpoints" / "step_000001" / "adapter").exists()
     for r in result.values():
@@ -142,7 +144,7 @@ def test_compare_trains_every_preset_and_reports_intervals(tmp_path, tokenizer):
     assert result["savpo"]["per_seed_means"].keys() == {0, 1}
     text = (out / "compare.md").read_text()
     assert "| savpo |" in text and "reveal minus base" in text and (out / "compare.png").stat().st_size > 1000
-    again = E.compare(None, overrides, [0, 1], 3, 2, str(out), algos=("grpo", "savpo"))   # reuses the runs
+    again = E.compare(None, overrides, [0, 1], 3, 2, str(out), train, algos=("grpo", "savpo"))   # reuses the runs
     assert again["savpo"]["intervals"] == result["savpo"]["intervals"]
 
 

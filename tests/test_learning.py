@@ -8,6 +8,7 @@ import torch
 
 import config
 import lm
+import losses
 import personas as P
 import savpo
 import simulator as S
@@ -116,8 +117,8 @@ def test_policy_gradient_raises_success_and_a_sign_flip_lowers_it(tiny_dir, tmp_
         trainer.simulator = RiggedSimulator(winning[0])
         before = win_probability(trainer, winning[1], held_out)
         if sign < 0:
-            real = savpo.stpr_advantages
-            monkeypatch.setattr(savpo, "stpr_advantages", lambda *a, **k: tuple(
+            real = losses.stpr_advantages
+            monkeypatch.setattr(losses, "stpr_advantages", lambda *a, **k: tuple(
                 [-x for x in out] if isinstance(out, list) else -out for out in real(*a, **k)))
         successes = []
         for step in range(5):

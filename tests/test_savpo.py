@@ -1,4 +1,4 @@
-"""SAVPO losses on hand-computed values, and the trainer on a tiny random model."""
+"""The SAVPO trainer (savpo.py) on a tiny random model: presets, the policy gradient, resume, options."""
 import json
 import math
 import os
@@ -9,153 +9,6 @@ import torch
 import lm
 import savpo
 from conftest import make_tiny_model, tiny_cfg
-
-
-# ----------------------------------------------------------------------------- AOPSD
-
-def test_token_kl_hand_computed_and_zero_when_identical():
-    teacher = torch.tensor([[0.0, math.log(3.0)]])      # p_T = [0.25, 0.75]
-    student = torch.tensor([[0.0, 0.0]])                # p_S = [0.5, 0.5]
-    expected = 0.25 * math.log(0.25 / 0.5) + 0.75 * math.log(0.75 / 0.5)
-    assert savpo.token_divergence(student, teacher).item() == pytest.approx(expected, abs=1e-6)
-    assert savpo.token_divergence(teacher, teacher).item() == pytest.approx(0.0, abs=1e-7)
-
-
-def test_divergence_options_against_closed_forms():
-    p_t, p_s = torch.tensor([[0.25, 0.75]]), torch.tensor([[0.5, 0.5]])
-    kl = lambda p, q: float((p * (p / q).log()).sum())
-    t, s = p_t.log(), p_s.log()
-    assert savpo.divergence(t, s, "forward").item() == pytest.approx(kl(p_t, p_s), abs=1e-6)    # 0.1308
-    assert savpo.divergence(t, s, "reverse").item() == pytest.approx(kl(p_s, p_t), abs=1e-6)    # 0.1438
-    for alpha in (0.5, 0.2, 0.9):   # TRL: (1 - a) KL(S || m) + a KL(T || m), m = a p_T + (1 - a) p_S
-        m = alpha * p_t + (1 - alpha) * p_s
-        expected = (1 - alpha) * kl(p_s, m) + alpha * kl(p_t, m)
-        assert savpo.divergence(t, s, "jsd", alpha).item() == pytest.approx(expected, abs=1e-6)
-    assert savpo.divergence(t, s, "jsd", 0.5).item() == pytest.approx(0.0338, abs=1e-4)
-    for kind in ("forward", "reverse", "jsd"):      # zero iff the distributions agree
-        assert savpo.divergence(t, t, kind).item() == pytest.approx(0.0, abs=1e-7)
-    # top-k over the student's support: the student's top-1 (p 0.6) + tail, teacher projected onto it
-    teacher = torch.tensor([[0.5, 0.3, 0.2]]).log()
-    student = torch.tensor([[0.2, 0.6, 0.2]]).log()
-    got = savpo.token_divergence(student, teacher, "reverse", vocab="topk", topk=1, support="student").item()
-    assert got == pytest.approx(0.6 * math.log(0.6 / 0.3) + 0.4 * math.log(0.4 / 0.7), abs=1e-5)
-    got = savpo.token_divergence(student, teacher, "forward", vocab="topk", topk=1, support="teacher").item()
-    assert got == pytest.approx(0.5 * math.log(0.5 / 0.2) + 0.5 * math.log(0.5 / 0.8), abs=1e-5)
-
-
-def test_topk_with_tail_bucket():
-    teacher = torch.tensor([[math.log(0.5), math.log(0.3), math.log(0.2)]])
-    student = torch.tensor([[math.log(0.2), math.log(0.4), math.log(0.4)]])
-    # k = 1: the teacher's top token (p 0.5 vs 0.2) plus a tail bucket (0.5 vs 0.8)
-    expected = 0.5 * math.log(0.5 / 0.2) + 0.5 * math.log(0.5 / 0.8)
-    assert savpo.token_divergence(student, teacher, vocab="topk", topk=1).item() == pytest.approx(expected, abs=1e-5)
-    full = savpo.token_divergence(student, teacher).item()
-    assert savpo.token_divergence(student, teacher, vocab="topk", topk=3).item() == pytest.approx(full, abs=1e-5)
-
-
-def test_aopsd_is_a_turn_mean_then_weighted_over_turns():
-    torch.manual_seed(0)
-    V = 11
-    student = torch.randn(1, 5, V)
-    teacher = torch.randn(1, 5, V)
-    mask = torch.tensor([[1, 1, 0, 1, 1]])
-    turns = torch.tensor([[0, 0, 0, 1, 2]])
-    kl = savpo.token_divergence(student[0], teacher[0])
-    loss, mean_kl = savpo.aopsd_loss(student, teacher, mask, turns)
-    turn_means = [(kl[0] + kl[1]) / 2, kl[3], kl[4]]
-    assert loss.item() == pytest.approx(float(sum(turn_means) / 3), abs=1e-6)
-    assert mean_kl.item() == pytest.approx(float((kl[0] + kl[1] + kl[3] + kl[4]) / 4), abs=1e-6)
-    weights = torch.tensor([[1.0, 0.0, 3.0]])
-    loss_w, _ = savpo.aopsd_loss(student, teacher, mask, turns, turn_weights=weights)
-    assert loss_w.item() == pytest.approx(float((turn_means[0] + 3 * turn_means[2]) / 4), abs=1e-6)
-    # normalised by the whole step's weight (here 10), not by this batch's (4)
-    loss_step, _ = savpo.aopsd_loss(student, teacher, mask, turns, turn_weights=weights, weight_total=10.0)
-    assert loss_step.item() == pytest.approx(float((turn_means[0] + 3 * turn_means[2]) / 10), abs=1e-6)
-    clipped, _ = savpo.aopsd_loss(student, teacher, mask, turns, clip=1e-3)
-    assert clipped.item() == pytest.approx(1e-3, abs=1e-7)
-    assert savpo.aopsd_loss(teacher, teacher, mask, turns)[0].item() == pytest.approx(0.0, abs=1e-6)
-    assert loss.item() > 0
-
-
-def test_chunking_changes_nothing_and_gradients_reach_the_student_only():
-    torch.manual_seed(1)
-    student = torch.randn(1, 7, 50, requires_grad=True)
-    teacher = torch.randn(1, 7, 50, requires_grad=True)
-    mask = torch.ones(1, 7, dtype=torch.long)
-    turns = torch.tensor([[0, 0, 1, 1, 1, 2, 2]])
-    grads = []
-    for chunk in (2, 256):
-        student.grad = None
-        loss, _ = savpo.aopsd_loss(student, teacher, mask, turns, chunk=chunk)
-        loss.backward()
-        grads.append(student.grad.clone())
-    torch.testing.assert_close(grads[0], grads[1])
-    assert teacher.grad is None                  # the teacher is a stop-gradient target
-    assert grads[0].abs().sum() > 0
-
-
-# ----------------------------------------------------------------------------- STPR
-
-def test_stpr_worked_example():
-    rewards = torch.tensor([1.0, 0.0, 0.0])
-    dw = [torch.tensor([0.5]), torch.tensor([0.5, 0.0, -0.5]), torch.tensor([0.0])]
-    groups = torch.tensor([0, 0, 0])
-    adv, per_turn = savpo.stpr_advantages(rewards, dw, groups, "direction")
-    s = 1 / math.sqrt(2)
-    torch.testing.assert_close(adv, torch.tensor([2 * s, -s, -s]), atol=1e-4, rtol=0)
-    torch.testing.assert_close(per_turn[1], torch.tensor([s, -s, -s]), atol=1e-4, rtol=0)
-    torch.testing.assert_close(per_turn[0], torch.tensor([2 * s]), atol=1e-4, rtol=0)
-    _, outcome = savpo.stpr_advantages(rewards, dw, groups, "outcome")
-    torch.testing.assert_close(outcome[1], torch.tensor([-s, -s, -s]), atol=1e-4, rtol=0)
-    _, additive = savpo.stpr_advantages(rewards, dw, groups, "additive", beta=1.0)
-    dw_rms = torch.cat(dw).pow(2).mean().sqrt()
-    torch.testing.assert_close(additive[1], -s + torch.tensor([0.5, 0.0, -0.5]) / dw_rms, atol=1e-4, rtol=0)
-    # every turn moved the same way (std 0): the unit is the rms, so the advantages stay finite
-    _, same = savpo.stpr_advantages(torch.zeros(2), [torch.tensor([-0.25, -0.25])] * 2, torch.zeros(2), "additive", 0.5)
-    torch.testing.assert_close(same[0], torch.tensor([-0.5, -0.5]))
-
-
-def test_equal_non_dyadic_rewards_give_exactly_zero():
-    # 8 x 3.2: a float32 mean is one ulp off, and (r - mean) / (std + eps) was about -0.19 for everyone
-    rewards = torch.full((8,), 3.2)
-    dw = [torch.tensor([0.5, -0.5])] * 8
-    for mode in ("direction", "outcome"):
-        adv, per_turn = savpo.stpr_advantages(rewards, dw, torch.zeros(8, dtype=torch.long), mode)
-        assert torch.equal(adv, torch.zeros(8)) and all(torch.equal(p, torch.zeros(2)) for p in per_turn)
-    # a continuous reward with a real contrast still gets it
-    adv, _ = savpo.stpr_advantages(torch.tensor([3.2, 3.2, 1.2, 3.2]), dw[:4], torch.zeros(4, dtype=torch.long))
-    assert adv[2] < 0 < adv[0] and adv[0] == adv[1] == adv[3]
-
-
-def test_stpr_groups_are_normalised_separately_and_equal_rewards_give_zero():
-    rewards = torch.tensor([1.0, 1.0, 1.0, 0.0])
-    dw = [torch.tensor([1.0])] * 4
-    adv, per_turn = savpo.stpr_advantages(rewards, dw, torch.tensor([0, 0, 1, 1]), "direction")
-    assert adv[0] == 0 and adv[1] == 0 and per_turn[0].item() == 0     # no outcome contrast, no signal
-    assert adv[2] > 0 > adv[3]
-    assert per_turn[3].item() > 0    # failed call, but the turn raised willingness: reinforced
-
-
-# ----------------------------------------------------------------------------- clipped PG
-
-def test_clipped_pg_hand_computed():
-    logp = torch.tensor([[0.5, -0.7, 0.0]])
-    old = torch.zeros(1, 3)
-    adv = torch.tensor([[1.0, -1.0, 2.0]])
-    mask = torch.tensor([[1.0, 1.0, 0.0]])
-    loss, frac, outside = savpo.clipped_pg_loss(logp, old, adv, mask, eps_low=0.2, eps_high=0.28)
-    # token 1: ratio e^0.5 = 1.65 > 1.28, A > 0 -> 1.28 (clipped: no gradient); token 2: ratio e^-0.7 =
-    # 0.50, A < 0 -> min(-0.50, -0.8) = -0.8 (clipped); token 3 masked out
-    assert loss.item() == pytest.approx(-(1.28 - 0.8) / 2, abs=1e-5)
-    assert frac.item() == pytest.approx(1.0) and outside.item() == pytest.approx(1.0)
-    # the same ratios with the advantages' signs flipped: outside the range, but the min keeps the
-    # unclipped term, so the gradient is not removed (TRL's region definition counts neither)
-    _, frac_flip, outside_flip = savpo.clipped_pg_loss(logp, old, -adv, mask)
-    assert frac_flip.item() == 0.0 and outside_flip.item() == pytest.approx(1.0)
-    unclipped, frac0, outside0 = savpo.clipped_pg_loss(old, old, adv, mask)
-    assert unclipped.item() == pytest.approx(0.0) and frac0.item() == 0.0 and outside0.item() == 0.0
-    assert savpo.ref_kl(logp, logp, mask).item() == pytest.approx(0.0)
-    assert savpo.ref_kl(logp, old, mask).item() > 0
 
 
 # ----------------------------------------------------------------------------- trainer
@@ -234,6 +87,37 @@ def test_resume_reproduces_a_straight_run(tiny_dir, tmp_path):
     la = [{k: v for k, v in json.loads(l).items() if k not in timing} for l in open(tmp_path / "a" / "metrics.jsonl")]
     lb = [{k: v for k, v in json.loads(l).items() if k not in timing} for l in open(tmp_path / "b" / "metrics.jsonl")]
     assert la == lb
+
+
+def test_a_damaged_checkpoint_is_named_and_the_run_resumes_from_the_one_before(tiny_dir, tmp_path):
+    """The newest trainer.pt cut to 1,000 bytes (a disk that filled up): --resume names the file in one
+    sentence, sets the folder aside and continues from the complete checkpoint before it, reproducing
+    the lost step exactly; with no complete checkpoint left it refuses in one sentence."""
+    run = tmp_path / "run"
+    first = savpo.Trainer(tiny_cfg(tiny_dir, run), log=lambda *a: None)      # 2 steps, a checkpoint after each
+    first.train()
+    straight = lora_state(first.model)
+    ckpts = run / "checkpoints"
+    damaged = ckpts / "step_000002" / "trainer.pt"
+    damaged.write_bytes(damaged.read_bytes()[:1000])
+    said = []
+    resumed = savpo.Trainer(tiny_cfg(tiny_dir, run), resume=True, log=said.append)
+    assert f"checkpoint file {damaged} (" in said[0] and "resumes from step_000001" in said[0] and "\n" not in said[0]
+    assert resumed.step == 1 and (ckpts / "step_000002.damaged").is_dir()
+    assert [json.loads(line)["step"] for line in open(run / "metrics.jsonl")] == [1]
+    resumed.train()
+    assert [json.loads(line)["step"] for line in open(run / "metrics.jsonl")] == [1, 2]
+    again = lora_state(resumed.model)
+    for n in straight:
+        torch.testing.assert_close(again[n], straight[n], atol=1e-6, rtol=1e-5)
+    for step in ("step_000001", "step_000002"):          # nothing complete left: refuse, do not start over
+        pt = ckpts / step / "trainer.pt"
+        pt.write_bytes(pt.read_bytes()[:1000])
+    with pytest.raises(SystemExit) as leave:
+        savpo.main(["--resume", f"out_dir={run}"])
+    message = str(leave.value)
+    assert "is damaged and no complete checkpoint precedes it" in message and "step_000001" in message
+    assert "\n" not in message and "without --resume" in message
 
 
 def test_one_base_model_serves_every_role(tiny_dir, tmp_path):
