@@ -44,6 +44,7 @@ the README, from `python appraisal.py`.
 """
 
 import argparse
+import functools
 import hashlib
 import importlib.util
 import json
@@ -131,7 +132,15 @@ def is_question(sentence):
 def _has(text, cues):
     """Cue phrases matched on word boundaries, plural allowed ('rush' does not match 'brush', 'review'
     matches 'reviews')."""
-    return any(re.search(r"(?<![a-z0-9])" + re.escape(cue) + r"(?:s|es)?(?![a-z0-9])", text) for cue in cues)
+    return bool(_cue_pattern(tuple(cues)).search(text))
+
+
+@functools.lru_cache(maxsize=None)
+def _cue_pattern(cues):
+    """One compiled alternation per cue list (the appraisers test every sentence against every concern)."""
+    if not cues:
+        return re.compile(r"(?!x)x")
+    return re.compile(r"(?<![a-z0-9])(?:" + "|".join(re.escape(c) for c in cues) + r")(?:s|es)?(?![a-z0-9])")
 
 
 def empty_appraisal(agent_text, rules):

@@ -85,9 +85,11 @@ def dialogue_facts(traj):
     """Per-dialogue numbers every aggregate is built from."""
     agent_texts = [m["content"] for m in traj.messages if m["role"] == "assistant"]
     status = {c.id: "hidden" for c in traj.persona.concerns}
-    first_probe, leak_turns = {}, 0
+    first_probe, leak_turns, false_turns, incoherent_turns = {}, 0, 0, 0
     for k, (text, state) in enumerate(zip(agent_texts, traj.states)):
         leak_turns += bool(leaked_concerns(text, traj.persona, status))
+        false_turns += bool(state["events"].get("false_claims"))      # older files have no such event: 0
+        incoherent_turns += bool(set(state["events"].get("incoherent", ())) - {"ignores_worry"})
         for cid in state["events"]["probed"]:
             first_probe.setdefault(cid, k + 1)
         status = state["concern_status"]
@@ -97,6 +99,7 @@ def dialogue_facts(traj):
             "resolved": sum(v == "resolved" for v in final.values()),
             "first_probe": list(first_probe.values()),
             "dw": [s["delta_willingness"] for s in traj.states], "leak_turns": leak_turns,
+            "false_claim_turns": false_turns, "incoherent_turns": incoherent_turns,
             "willingness": [traj.persona.willingness] + [s["willingness"] for s in traj.states]}
 
 
@@ -129,6 +132,10 @@ def aggregate(trajs, ks=None):
         "first_probe_turn": round(sum(probes) / len(probes), 2) if probes else None,
         "willingness_gain_per_turn": round(sum(dws) / len(dws), 4) if dws else 0.0,
         "leak_rate": round(sum(f["leak_turns"] for f in facts) / max(1, turns), 4),
+        # false claims per agent turn (the simulator checks every claim against the bank's facts), and
+        # turns that speak for the callee or repeat themselves
+        "misinformation_rate": round(sum(f["false_claim_turns"] for f in facts) / max(1, turns), 4),
+        "incoherent_rate": round(sum(f["incoherent_turns"] for f in facts) / max(1, turns), 4),
     }
 
 
@@ -156,19 +163,24 @@ def summarize(trajs):
             "reveal_rate": round(sum(s != "hidden" for s in status) / concerns, 4),
             "resolve_rate": round(sum(s == "resolved" for s in status) / concerns, 4),
             "turns": round(sum(t.n_turns for t in trajs) / n, 2),
+            "misinformation_rate": round(sum(bool(s["events"].get("false_claims")) for t in trajs for s in t.states)
+                                         / max(1, sum(t.n_turns for t in trajs)), 4),
+            "incoherent_rate": round(sum(bool(set(s["events"].get("incoherent", ())) - {"ignores_worry"})
+                                         for t in trajs for s in t.states) / max(1, sum(t.n_turns for t in trajs)), 4),
             "agent_tokens": sum(sum(t.agent_mask) for t in trajs)}
 
 
 
 # --------------------------------------------------------------------------- statistics over personas
 
-METRICS = ("success", "pass@k", "reveal", "resolve")
+METRICS = ("success", "pass@k", "reveal", "resolve", "misinformation")
 
 
 def per_persona(trajs):
     """{persona_id: {metric: value}}: each held-out persona's own rates over its n samples --
     success rate, unbiased pass@n (k = n: did any sample succeed), share of its concerns revealed and
-    resolved. The persona is the unit of the intervals: its samples are not independent draws."""
+    resolved, false claims per agent turn (misinformation). The persona is the unit of the intervals: its
+    samples are not independent draws."""
     groups = {}
     for t in trajs:
         groups.setdefault(t.persona.persona_id, []).append(dialogue_facts(t))
@@ -178,7 +190,8 @@ def per_persona(trajs):
         concerns = sum(f["concerns"] for f in facts) or 1
         out[pid] = {"success": wins / n, "pass@k": pass_at_k(n, wins, n),
                     "reveal": sum(f["revealed"] for f in facts) / concerns,
-                    "resolve": sum(f["resolved"] for f in facts) / concerns}
+                    "resolve": sum(f["resolved"] for f in facts) / concerns,
+                    "misinformation": sum(f["false_claim_turns"] for f in facts) / max(1, sum(f["turns"] for f in facts))}
     return out
 
 
@@ -194,7 +207,7 @@ def bootstrap(values, n_boot=2000, seed=0):
 
 def intervals(table):
     """{metric: [mean, low, high]} over the personas of a per_persona table."""
-    return {m: bootstrap([row[m] for row in table.values()]) for m in METRICS}
+    return {m: bootstrap([row[m] for row in table.values()]) for m in _metrics(table)}
 
 
 def paired_difference(table_a, table_b):
@@ -202,7 +215,12 @@ def paired_difference(table_a, table_b):
     pairing removes the persona-to-persona spread from the comparison. An interval that holds 0 is
     "no measurable difference"."""
     common = sorted(set(table_a) & set(table_b))
-    return {m: bootstrap([table_b[p][m] - table_a[p][m] for p in common]) for m in METRICS}
+    return {m: bootstrap([table_b[p][m] - table_a[p][m] for p in common]) for m in _metrics(table_a, table_b)}
+
+
+def _metrics(*tables):
+    """The METRICS every row of the tables holds (a table saved before a metric existed lacks it)."""
+    return [m for m in METRICS if all(m in row for table in tables for row in table.values())]
 
 
 def fmt(ci):
@@ -259,7 +277,7 @@ def write_report(results, out_dir, title):
         json.dump(results, f, indent=1, default=str)
     names = list(results)
     cols = ["success_rate", "hangup_rate", "reject_rate", "timeout_rate", "reveal_rate", "resolve_rate",
-            "first_probe_turn", "willingness_gain_per_turn", "leak_rate"]
+            "first_probe_turn", "willingness_gain_per_turn", "leak_rate", "misinformation_rate", "incoherent_rate"]
     lines = [f"# {title}", "", "| policy | dialogues | " + " | ".join(cols) + " |",
              "|---|---|" + "---|" * len(cols)]
     for name in names:
@@ -368,8 +386,9 @@ def plot_curves(run_dir):
     for key in ("aopsd_kl", "pg_loss", "loss"):
         axes[0].plot(steps, [r[key] for r in rows], marker="o", label=key)
     axes[0].set_title("losses")
-    for key in ("success_rate", "reveal_rate", "resolve_rate"):
-        axes[1].plot(steps, [r[key] for r in rows], marker="o", label=key)
+    for key in ("success_rate", "reveal_rate", "resolve_rate", "misinformation_rate"):
+        if all(key in r for r in rows):       # runs logged before the fact check have no misinformation rate
+            axes[1].plot(steps, [r[key] for r in rows], marker="o", label=key)
     axes[1].set_ylim(-0.05, 1.05)
     axes[1].set_title("training rollouts")
     axes[2].plot(steps, [r["willingness_gain"] for r in rows], marker="o", color="tab:green")
@@ -455,8 +474,8 @@ def compare(config_path, overrides, seeds, n_personas, n, out, train, algos=ALGO
                    "per_persona": tables}, f, indent=1)   # per_persona: for any other paired difference
     lines = [f"# {len(personas)} held-out personas x {n} samples; trained presets averaged over seeds "
              f"{', '.join(map(str, seeds))} per persona; 95% bootstrap intervals over personas", "",
-             "| policy | success | pass@k | reveal | resolve | reveal minus base | success minus base |",
-             "|---|---|---|---|---|---|---|"]
+             "| policy | " + " | ".join(METRICS) + " | reveal minus base | success minus base |",
+             "|---|" + "---|" * (len(METRICS) + 2)]
     for name, r in result.items():
         d = r["difference_vs_base"]
         lines.append(f"| {name} | " + " | ".join(fmt(r["intervals"][m]) for m in METRICS) + " | "
@@ -565,7 +584,8 @@ def main(argv=None):
             results[name]["difference_vs_base"] = paired_difference(tables["base"], tables[name])
         ci = results[name]["intervals"]
         print(f"{name:28s} success {fmt(ci['success'])}  pass@{args.n} {fmt(ci['pass@k'])}  "
-              f"revealed {fmt(ci['reveal'])}  resolved {fmt(ci['resolve'])}  leak {results[name]['overall']['leak_rate']:.3f}")
+              f"revealed {fmt(ci['reveal'])}  resolved {fmt(ci['resolve'])}  misinformation {fmt(ci['misinformation'])}  "
+              f"leak {results[name]['overall']['leak_rate']:.3f}")
         if "difference_vs_base" in results[name]:
             print(f"{'':28s} minus base: revealed {fmt(results[name]['difference_vs_base']['reveal'])}  "
                   f"success {fmt(results[name]['difference_vs_base']['success'])}")

@@ -132,19 +132,28 @@ def teacher_logits(model, tokenizer, batch, targets, aopsd_cfg):
     return logits
 
 
-def aopsd_term(student_logits, teacher, targets, weights, weight_total, aopsd_cfg):
+def aopsd_term(student_logits, teacher, targets, weights, weight_total, aopsd_cfg, per_turn=False):
     """L_AOPSD of a few trajectories from the (N, V) student and teacher logits at their agent tokens
     (`targets` order), `weights` [{turn: w}] per trajectory, normalised by the whole step's weight
-    total: (loss, mean per-token divergence)."""
+    total: (loss, mean per-token divergence). per_turn=True also returns {(trajectory, turn): the turn's
+    mean divergence, as the loss averaged it} (recomputed without gradient, for samples.jsonl)."""
     a, device = aopsd_cfg, student_logits.device
     pairs = [(b, k) for b, tg in enumerate(targets) for k in tg[3]]             # (trajectory, turn) of each token
     keys = sorted(set(pairs))
     segment = torch.tensor([keys.index(p) for p in pairs], device=device)                          # (N,)
     turn_w = torch.tensor([[weights[b][k] for b, k in keys]], device=device)                       # (1, K)
     ones = torch.ones(1, len(pairs), device=device)
-    return losses.aopsd_loss(student_logits[None], teacher[None], ones, segment[None], turn_w, weight_total,
-                             a["divergence"], a["alpha"], a["vocab"], a["topk"], a["topk_support"], a["chunk"],
-                             a["clip"])
+    loss, mean = losses.aopsd_loss(student_logits[None], teacher[None], ones, segment[None], turn_w, weight_total,
+                                   a["divergence"], a["alpha"], a["vocab"], a["topk"], a["topk_support"], a["chunk"],
+                                   a["clip"])
+    if not per_turn:
+        return loss, mean
+    with torch.no_grad():
+        div = losses.token_divergence(student_logits.detach(), teacher, a["divergence"], a["alpha"], a["vocab"],
+                                      a["topk"], a["topk_support"], a["chunk"])                  # (N,)
+        div = div.clamp(max=a["clip"]) if a["clip"] > 0 else div
+        turn_div, _ = losses._segment_mean(div, segment, len(keys))                               # (K,)
+    return loss, mean, dict(zip(keys, turn_div.tolist()))
 
 
 # =============================================================================================
@@ -318,16 +327,12 @@ class Trainer:
             t0 = time.perf_counter()
             teacher = teacher_logits(self.model, self.tokenizer, batch, tgs, a)                 # (N, V)
             stats["teacher_s"] += time.perf_counter() - t0
-            kl_loss, kl_mean = aopsd_term(logits, teacher, tgs, [weights[i] for i in chunk], norm["weight_total"], a)
+            kl_loss, kl_mean, *turn_div = aopsd_term(logits, teacher, tgs, [weights[i] for i in chunk],
+                                                     norm["weight_total"], a, per_turn=first_pass)
             loss = loss + a["coef"] * kl_loss
             stats["aopsd_kl"] += float(kl_mean) * token_share
-            if first_pass:   # each turn's mean divergence, as the loss averaged it, for samples.jsonl
-                with torch.no_grad():
-                    div = token_divergence(logits.detach(), teacher_logits, a["divergence"], a["alpha"], a["vocab"],
-                                           a["topk"], a["topk_support"], a["chunk"])
-                    turn_div, _ = _segment_mean(div.clamp(max=a["clip"]) if a["clip"] > 0 else div, segment, len(keys))
-                for (b, k), value in zip(keys, turn_div.tolist()):
-                    self.turn_divergence.setdefault(chunk[b], {})[k] = value
+            for (b, k), value in (turn_div[0].items() if turn_div else ()):   # first pass: for samples.jsonl
+                self.turn_divergence.setdefault(chunk[b], {})[k] = value
         if st["ref_kl"] > 0:
             with torch.no_grad(), lm.adapter_off(self.model):
                 ref_logits = policy_logits(self.model, batch, tgs)
@@ -439,8 +444,8 @@ class Trainer:
         bar.write(f"step {self.step:3d} | loss {record['loss']:+.4f} pg {record['pg_loss']:+.4f} "
                   f"kl {record['aopsd_kl']:.4f} | success {record['success_rate']:.2f} groups w/ signal "
                   f"{record['groups_with_signal']:.2f} dw {record['willingness_gain']:+.2f} revealed "
-                  f"{record['reveal_rate']:.2f} resolved {record['resolve_rate']:.2f} | "
-                  f"{record['rollout_tok_s']:.0f} tok/s {record['step_s']:.0f}s")
+                  f"{record['reveal_rate']:.2f} resolved {record['resolve_rate']:.2f} misinfo "
+                  f"{record['misinformation_rate']:.2f} | {record['rollout_tok_s']:.0f} tok/s {record['step_s']:.0f}s")
 
 
 class _DeferredInterrupt:

@@ -640,6 +640,8 @@ def passive(obs):
     return "Lovely weather today, isn't it? How has your week been?"
 
 
+NATURAL_AGENTS = ("natural privileged", "natural listener", "natural hallucinating privileged",
+                  "natural hallucinating listener", "number bluffer")
 SCRIPTED_AGENTS = {   # name -> (policy, knows the hidden concerns, asks questions)
     "privileged prober": (privileged_prober, True, True),
     "generic prober": (generic_prober, False, True),
@@ -670,7 +672,7 @@ def play_scripted(agent, personas, sim_cfg, seed=0, natural_lines=None):
     questions, natural = _expert_questions(), _natural_lines(natural_lines)
     obs = [{"persona": p, "bank": P.load_bank(p.domain), "questions": questions, "asked": {}, "turn": 0,
             "max_turns": sim_cfg["max_turns"], "voiced": set(), "status": dict(sim.states[i].concern_status),
-            "heard_nothing": False, "last_user": line, "natural": natural[p.domain],
+            "heard_nothing": False, "last_user": line, "natural": natural.get(p.domain),
             "rng": random.Random(f"{seed}:{p.persona_id}"), "max_words": sim_cfg["rules"]["max_agent_words"],
             "open_offset": random.Random(f"{seed}:{p.persona_id}:open").randrange(6)}
            for i, (p, line) in enumerate(zip(personas, openings))]
@@ -695,8 +697,11 @@ def validity_matrix(sim_cfg, n_per_domain=90, seed=0, domains=None, natural_line
     data/natural_agents.yaml)."""
     domains = domains or P.list_domains()
     people = {d: P.sample(d, n_per_domain, seed) for d in domains}
+    natural = _natural_lines(natural_lines)
     table = {}
     for name, (agent, _, _) in SCRIPTED_AGENTS.items():
+        if name in NATURAL_AGENTS and not all(d in natural for d in domains):
+            continue     # a domain without natural lines (a new bank): the bank-worded agents only
         row, wins = {}, 0
         for d in domains:
             states = play_scripted(agent, people[d], sim_cfg, seed, natural_lines)

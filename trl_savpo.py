@@ -222,7 +222,7 @@ def _trainer_class():
             output["aopsd_weights"] = weights[first:first + len(mine)]
             output["aopsd_weight_total"] = torch.tensor(float(weight_total))                   # 0-dim: not split
             summary = evaluation.summarize(everyone)
-            for key in ("success_rate", "willingness_gain", "reveal_rate", "resolve_rate", "turns"):
+            for key in ("success_rate", "willingness_gain", "reveal_rate", "resolve_rate", "misinformation_rate", "turns"):
                 self._metrics["train"][f"savpo/{key}"].append(summary[key])
             return output
 

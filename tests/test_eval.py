@@ -121,7 +121,23 @@ def test_bootstrap_intervals_and_paired_differences():
 def test_per_persona_rates(trajs):
     table = E.per_persona(trajs)                  # one persona, two samples: one accepted
     (row,) = table.values()
-    assert row == {"success": 0.5, "pass@k": 1.0, "reveal": 0.5, "resolve": 0.5}
+    assert row == {"success": 0.5, "pass@k": 1.0, "reveal": 0.5, "resolve": 0.5, "misinformation": 0.0}
+
+
+def test_misinformation_rate_counts_false_claims_per_agent_turn(trajs):
+    """One turn of five states a false fact: the misinformation rate is 1/5, in the aggregate, the per-
+    persona table (its interval) and the per-step training summary; a file saved before the fact check
+    (no such event) counts 0."""
+    trajs[1].states[1]["events"]["false_claims"] = ["commission_fees"]
+    trajs[0].states[0]["events"]["incoherent"] = ["speaks_for_callee"]
+    m = E.aggregate(trajs)
+    assert m["misinformation_rate"] == pytest.approx(1 / 5) and m["incoherent_rate"] == pytest.approx(1 / 5)
+    (row,) = E.per_persona(trajs).values()
+    assert row["misinformation"] == pytest.approx(1 / 5)
+    assert E.intervals(E.per_persona(trajs))["misinformation"][0] == pytest.approx(1 / 5)
+    assert E.summarize(trajs)["misinformation_rate"] == pytest.approx(1 / 5)
+    old = {p: {k: v for k, v in r.items() if k != "misinformation"} for p, r in E.per_persona(trajs).items()}
+    assert "misinformation" not in E.intervals(old)                   # an old table: the metric is left out
 
 
 def test_compare_trains_every_preset_and_reports_intervals(tmp_path, tokenizer):
