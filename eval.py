@@ -35,6 +35,7 @@ import math
 import os
 import re
 import shutil
+import sys
 
 import torch
 
@@ -231,14 +232,14 @@ def fmt(ci):
 
 @torch.no_grad()
 def play(model, tokenizer, cfg, persona_list, n, seed, privileged=None, sim_model=None, sim_tokenizer=None,
-         progress=False):
+         progress=False, note=None):
     """n sampled dialogues per persona; returns (trajectories, simulator health counters). `progress`: a
     label for a bar on stderr (turns played, calls over, time left), or False."""
     was_training = model.training
     model.eval()
     sim = S.CognitiveUserSimulator(cfg["simulator"], sim_model or model, sim_tokenizer or tokenizer, seed=seed + 1)
     trajs = rollout.run(model, tokenizer, sim, persona_list, cfg["rollout"], group_size=n, seed=seed + 7,
-                        privileged=privileged, progress=progress)
+                        privileged=privileged, progress=progress, note=note or cfg["aopsd"]["note"])
     model.train(was_training)
     return trajs, dict(sim.stats)
 
@@ -256,7 +257,8 @@ def quick(model, tokenizer, cfg, persona_list, seed=0, group_size=1, sim_model=N
 def train_personas(cfg):
     """Every training persona of a run with config `cfg` (savpo.py's schedule)."""
     t, pc = cfg["train"], cfg["personas"]
-    return [p for k in range(t["steps"]) for p in P.schedule(pc["domains"], t["personas_per_step"], pc["train_seed"], k)]
+    return [p for k in range(t["steps"]) for p in P.schedule(pc["domains"], t["personas_per_step"], pc["train_seed"], k,
+                                                               pc["curriculum_steps"])]
 
 
 def eval_personas(cfg, n=None):
@@ -408,6 +410,7 @@ def plot_curves(run_dir):
 # --------------------------------------------------------------------------- the comparison
 
 ALGOS = ("grpo", "savpo", "distill", "refine")
+COMPARE_PAIRS = (("savpo", "grpo"), ("savpo", "refine"), ("savpo", "distill"), ("refine", "grpo"))
 
 
 def compare(config_path, overrides, seeds, n_personas, n, out, train, algos=ALGOS):
@@ -440,7 +443,7 @@ def compare(config_path, overrides, seeds, n_personas, n, out, train, algos=ALGO
     tokenizer, model = lm.load_model(cfg["model"])
     sim_model = sim_tok = None
     if cfg["simulator"]["model"]:
-        sim_tok, sim_model = lm.load_model({**cfg["model"], "name_or_path": cfg["simulator"]["model"]})
+        sim_tok, sim_model = lm.load_model({**cfg["model"], "name_or_path": cfg["simulator"]["model"], "warm_start": ""})
     tables = {}
 
     def play_table(name, privileged=None):
@@ -469,17 +472,24 @@ def compare(config_path, overrides, seeds, n_personas, n, out, train, algos=ALGO
                      "per_seed_means": {s: {m: round(sum(r[m] for r in tables[f"{name}_seed{s}"].values())
                                                   / len(personas), 4) for m in METRICS} for s in seeds}
                      if name in algos else None} for name, table in rows.items()}
+    # the method against its baseline and its own ablations, persona by persona (seeds averaged)
+    pairs = {f"{a} - {b}": paired_difference(rows[b], rows[a]) for a, b in COMPARE_PAIRS if a in rows and b in rows}
     with open(os.path.join(out, "compare.json"), "w") as f:
-        json.dump({"personas": len(personas), "samples": n, "seeds": list(seeds), "results": result,
+        json.dump({"personas": len(personas), "samples": n, "seeds": list(seeds), "results": result, "pairs": pairs,
                    "per_persona": tables}, f, indent=1)   # per_persona: for any other paired difference
     lines = [f"# {len(personas)} held-out personas x {n} samples; trained presets averaged over seeds "
              f"{', '.join(map(str, seeds))} per persona; 95% bootstrap intervals over personas", "",
-             "| policy | " + " | ".join(METRICS) + " | reveal minus base | success minus base |",
-             "|---|" + "---|" * (len(METRICS) + 2)]
+             "| policy | " + " | ".join(METRICS) + " | reveal minus base | resolve minus base | success minus base |",
+             "|---|" + "---|" * (len(METRICS) + 3)]
     for name, r in result.items():
         d = r["difference_vs_base"]
         lines.append(f"| {name} | " + " | ".join(fmt(r["intervals"][m]) for m in METRICS) + " | "
-                     + (f"{fmt(d['reveal'])} | {fmt(d['success'])}" if d else "- | -") + " |")
+                     + (" | ".join(fmt(d[m]) for m in ("reveal", "resolve", "success")) if d else "- | - | -") + " |")
+    lines += ["", "Paired differences (an interval that holds 0 is no measurable difference):", "",
+              "| difference | success | resolve | reveal | misinformation |", "|---|---|---|---|---|"]
+    for name, d in pairs.items():
+        lines.append(f"| {name} | " + " | ".join(fmt(d[m]) if m in d else "-" for m in
+                                                ("success", "resolve", "reveal", "misinformation")) + " |")
     with open(os.path.join(out, "compare.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     _compare_plot(result, os.path.join(out, "compare.png"))
@@ -537,6 +547,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Evaluate policies against the Cognitive User Simulator.")
     parser.add_argument("--adapter", action="append", default=[], help="a saved LoRA adapter (repeatable)")
     parser.add_argument("--pilot", action="store_true", help="also the base policy given the privileged view")
+    parser.add_argument("--notes", default=None, help="--pilot: the note styles to give it, comma-separated "
+                        f"(default aopsd.note; any of {', '.join(P.NOTE_STYLES)})")
     parser.add_argument("--no-base", action="store_true", help="skip the base policy")
     parser.add_argument("--n", type=config.positive_int, default=4, help="sampled dialogues per persona (pass@k up to n)")
     parser.add_argument("--personas", type=config.positive_int, default=None,
@@ -551,9 +563,14 @@ def main(argv=None):
     if args.compare:
         raise SystemExit("the comparison trains every preset, so it runs from the trainer: python savpo.py "
                          "--compare --seeds 0,1,2 --personas 24 --n 2 [key=value ...]")
+    notes = args.notes.split(",") if args.notes else []
+    if [n for n in notes if n not in P.NOTE_STYLES]:
+        raise SystemExit(f"--notes: unknown note style {[n for n in notes if n not in P.NOTE_STYLES][0]!r}; "
+                         f"allowed: {', '.join(P.NOTE_STYLES)}.")
     try:
         cfg = config.load(args.config, args.overrides + ([f"simulator.appraiser={args.appraiser}"]
                                                           if args.appraiser else []))
+        notes = (notes or [cfg["aopsd"]["note"]]) if args.pilot else []
         personas = eval_personas(cfg, args.personas)
         for path in args.adapter:
             if not os.path.exists(os.path.join(path, "adapter_config.json")):
@@ -562,11 +579,20 @@ def main(argv=None):
             run_cfg = _adapter_run_config(path)
             if run_cfg is not None:  # the adapter's own training personas must not be evaluated on
                 P.check_disjoint(train_personas(run_cfg), personas)
+                # an adapter trained on a warm-started base is played on that base, and so is the base policy
+                warm = run_cfg["model"]["warm_start"]
+                if warm != cfg["model"]["warm_start"]:
+                    if any(_adapter_run_config(p)["model"]["warm_start"] != warm for p in args.adapter
+                           if _adapter_run_config(p)):
+                        raise SystemExit("--adapter: these adapters were trained on different warm starts "
+                                         "(model.warm_start); evaluate them one warm start at a time.")
+                    print(f"model.warm_start={warm or '(none)'}: the base the adapter {path} was trained on", file=sys.stderr)
+                    cfg["model"]["warm_start"] = warm
         tokenizer, model = lm.load_model(cfg["model"])
         sim_model = sim_tok = None
         sim_name = args.simulator_model or cfg["simulator"]["model"]
         if sim_name:
-            sim_tok, sim_model = lm.load_model({**cfg["model"], "name_or_path": sim_name})
+            sim_tok, sim_model = lm.load_model({**cfg["model"], "name_or_path": sim_name, "warm_start": ""})
     except (config.ConfigError, lm.ModelError, P.DomainError, ValueError) as e:
         raise SystemExit(f"eval: {e}")
     seed = cfg["seed"]
@@ -574,9 +600,9 @@ def main(argv=None):
 
     tables = {}
 
-    def record(name, privileged=None):
+    def record(name, privileged=None, note=None):
         trajs, health = play(model, tokenizer, cfg, personas, args.n, seed, privileged, sim_model, sim_tok,
-                             progress=f"eval {name}")
+                             progress=f"eval {name}", note=note)
         tables[name] = per_persona(trajs)
         results[name] = {**breakdown(trajs), "simulator_health": health,
                          "willingness_by_turn": willingness_by_turn(trajs), "intervals": intervals(tables[name])}
@@ -597,8 +623,10 @@ def main(argv=None):
     config.save(cfg, args.out)
     if not args.no_base:
         record("base")
-    if args.pilot:
-        record(f"base+privileged({cfg['aopsd']['placement']})", privileged=cfg["aopsd"]["placement"])
+    pilots = []
+    for note in notes:
+        pilots.append(f"base+privileged({note}, {cfg['aopsd']['placement']})")
+        record(pilots[-1], privileged=cfg["aopsd"]["placement"], note=note)
     if args.adapter:
         from peft import PeftModel
         for i, path in enumerate(args.adapter):
@@ -614,10 +642,11 @@ def main(argv=None):
     title = f"Evaluation: {len(personas)} held-out personas x {args.n} samples, appraiser " \
             f"{cfg['simulator']['appraiser']}, simulator model {sim_name or cfg['model']['name_or_path']}"
     report = write_report(results, args.out, title)
-    if args.pilot and not args.no_base:
-        base, priv = list(results.values())[:2]
-        b, p = base["overall"]["pass_at_k"].get(args.n), priv["overall"]["pass_at_k"].get(args.n)
-        verdict = ("holds" if p > b else "does not hold") + f" here: pass@{args.n} {p} with the privileged view vs {b} without"
+    for name in pilots if not args.no_base else []:
+        d = results[name]["difference_vs_base"]
+        holds = d["success"][1] > 0 and d["resolve"][1] > 0        # both intervals above zero
+        verdict = (f"{'holds' if holds else 'does not hold'} for {name}: privileged minus base, success "
+                   f"{fmt(d['success'])}, resolved {fmt(d['resolve'])} (it holds where both intervals exclude 0)")
         with open(report, "a") as f:
             f.write(f"\nPilot claim (concern-conditioning unlocks successes sampling alone does not): {verdict}.\n")
         print(f"pilot: the claim {verdict}")

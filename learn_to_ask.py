@@ -343,7 +343,7 @@ def play(cfg, adapter=None):
     persona_list = P.sample_many(lt["domains"], lt["play_n"], lt["play_seed"])
     sim_tokenizer, sim_model = tokenizer, model      # the base with the adapter disabled, or simulator.model
     if cfg["simulator"]["model"]:
-        sim_tokenizer, sim_model = lm.load_model({**cfg["model"], "name_or_path": cfg["simulator"]["model"]})
+        sim_tokenizer, sim_model = lm.load_model({**cfg["model"], "name_or_path": cfg["simulator"]["model"], "warm_start": ""})
     sim = S.CognitiveUserSimulator({**cfg["simulator"], "max_turns": lt["play_turns"]}, sim_model, sim_tokenizer,
                                    seed=cfg["seed"])
     dialogues = [[{"role": "system", "content": D.call_details(p)}, {"role": "user", "content": o}]

@@ -138,8 +138,26 @@ def load_model(model_cfg):
         model.to(device)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if model_cfg.get("warm_start"):
+        model = merge_warm_start(model, model_cfg["warm_start"])
     model.eval()
     return tokenizer, model
+
+
+def merge_warm_start(model, path):
+    """Fold a LoRA adapter (`python warmstart.py`) into the weights. The result is a plain model, so
+    everything that reads "the base with the adapter disabled" -- the initial policy, the fixed teacher,
+    the reference -- is the warm-started policy, and a fresh LoRA adapter trains on top of it. (The
+    simulator's own lines, `simulator.utterance=llm`, then come from it too: name the plain base as
+    `simulator.model` to keep them apart.)"""
+    from peft import PeftModel
+    if path == "auto":
+        raise ModelError("model.warm_start=auto is resolved by savpo.py (it trains the warm start if needed); here "
+                         "name the adapter folder, e.g. model.warm_start=runs/warmstart/adapter.")
+    if not os.path.exists(os.path.join(path, "adapter_config.json")):
+        raise ModelError(f"model.warm_start={path}: no adapter_config.json there; run `python warmstart.py` first "
+                         f"or point it at a LoRA adapter folder (runs/warmstart/adapter).")
+    return PeftModel.from_pretrained(model, path).merge_and_unload()
 
 
 def add_lora(model, lora_cfg, gradient_checkpointing=False):

@@ -169,12 +169,14 @@ def _persona_id(domain, content):
     return f"{domain[:3]}-{digest}"
 
 
-def sample(domain, n, seed, exclude_ids=()):
+def sample(domain, n, seed, exclude_ids=(), n_concerns=None):
     """n personas of one domain, stratified and deterministic in `seed`. Personas whose id is in
-    `exclude_ids` (e.g. the training set) are skipped and redrawn."""
+    `exclude_ids` (e.g. the training set) are skipped and redrawn. `n_concerns` (e.g. (1,)) keeps only
+    the cells with that many concerns (a curriculum's easy personas: another stream, seeded apart)."""
     bank = load_bank(domain)
-    rng = random.Random(f"{domain}:{seed}")
-    cells, order, personas, exclude = strata_cells(bank), [], [], set(exclude_ids)
+    rng = random.Random(f"{domain}:{seed}" + (f":c{','.join(map(str, n_concerns))}" if n_concerns else ""))
+    cells = [c for c in strata_cells(bank) if not n_concerns or c[0] in n_concerns]
+    order, personas, exclude = [], [], set(exclude_ids)
     while len(personas) < n:
         if not order:
             order = cells[:]
@@ -205,7 +207,7 @@ def sample_many(domains, n, seed, exclude_ids=()):
     return [p for d, k in zip(domains, per) for p in sample(d, k, seed, exclude_ids)]
 
 
-def schedule(domains, per_step, seed, step):
+def schedule(domains, per_step, seed, step, curriculum_steps=0):
     """The training personas of optimisation step `step` (0-based). The global slots
     step * per_step ... (step + 1) * per_step - 1 are dealt round-robin over the domains, and slot j
     takes persona j // len(domains) of its domain's stratified stream `sample(domain, ., seed)`,
@@ -213,11 +215,16 @@ def schedule(domains, per_step, seed, step):
     come from different strata cells), and step k's personas depend only on the seed and k -- not
     on how many steps the run has, so a resumed or longer run sees the same personas at each step.
 
-    Example, domains [A, B, C], per_step 2: step 0 -> A#0, B#0; step 1 -> C#0, A#1; step 2 -> B#1, C#1."""
+    Example, domains [A, B, C], per_step 2: step 0 -> A#0, B#0; step 1 -> C#0, A#1; step 2 -> B#1, C#1.
+
+    A curriculum (`curriculum_steps` > 0): the first steps draw from one-concern personas only (their own
+    stream), and step `curriculum_steps` + k then has the personas step k has without one."""
+    easy = step < curriculum_steps
+    step = step if easy else step - curriculum_steps
     slots = range(step * per_step, (step + 1) * per_step)
     n = len(domains)
     need = {d: (max((j for j in slots if j % n == k), default=-1) // n) + 1 for k, d in enumerate(domains)}
-    streams = {d: sample(d, need[d], seed) if need[d] else [] for d in domains}
+    streams = {d: sample(d, need[d], seed, n_concerns=(1,) if easy else None) if need[d] else [] for d in domains}
     return [streams[domains[j % n]][j // n] for j in slots]
 
 
@@ -258,10 +265,47 @@ def public_view(persona):
     return f"Callee: {persona.name}, {bank['user_role']}. {traits}."
 
 
-def private_view(persona):
-    """The hidden concerns, for the privileged teacher only: each as a topic and in the callee's words."""
-    worries = " ".join(f"{c.id.replace('_', ' ')}: \"{c.statement}\"" for c in persona.concerns)
-    return f"Private note (the callee has not said this yet): they are worried about {worries}"
+NOTE_STYLES = ("concerns", "guide")
+EXPERT_QUESTIONS = os.path.join(DOMAIN_DIR, "..", "logs", "expert_questions.yaml")
+_QUESTIONS = {}
+
+
+def expert_questions(domain):
+    """{concern id: [a first question, a second one]} that would draw each concern out (the scripted
+    expert's, data/logs/expert_questions.yaml)."""
+    if not _QUESTIONS:
+        _QUESTIONS.update(yaml.safe_load(open(EXPERT_QUESTIONS)))
+    return _QUESTIONS[domain]
+
+
+def private_view(persona, style="concerns"):
+    """The hidden concerns, for the privileged teacher only, and nothing else: no other concern of the
+    bank, no fact that does not answer one of them.
+      concerns -- each as a topic and in the callee's words;
+      guide    -- per concern: the topic, how the callee would put it, a question that would draw it out
+                  and the fact that answers it (the bank's resolution): what to ask, what to say.
+    'guide' for a callee worried about the commission:
+      Private note (the callee has not said this yet). Their worries:
+      1. commission fees: they would say "Honestly, your commission would eat ...". Ask: "Can I ask, is the
+      commission on each order something that worries you?" When they say it, answer: "Commission is 15% ..."."""
+    if style == "concerns":
+        worries = " ".join(f"{c.id.replace('_', ' ')}: \"{c.statement}\"" for c in persona.concerns)
+        return f"Private note (the callee has not said this yet): they are worried about {worries}"
+    questions = expert_questions(persona.domain)
+    lines = [f"{k}. {c.id.replace('_', ' ')}: they would say \"{c.statement}\" Ask: \"{questions[c.id][0]}\" "
+             f"When they say it, answer: \"{c.resolution}\"" for k, c in enumerate(persona.concerns, 1)]
+    return "Private note (the callee has not said this yet). Their worries:\n" + "\n".join(lines)
+
+
+CALLEE_LABELS = (r"customer|callee|client|user|owner|rider|merchant|restaurant|caller|prospect|homeowner|household|"
+                 r"them|him|her|me")
+
+
+def callee_label(persona):
+    """A pattern for a line that starts speaking as the callee: 'Customer:', 'Maria:', 'Maria Rossi:' at
+    the start of the text, a line or a sentence (the agent writing the callee's part)."""
+    names = "|".join(re.escape(n) for n in (persona.name, persona.name.split()[0]))
+    return re.compile(rf"(^|\n|[.!?:]\s+|\s)({CALLEE_LABELS}|{names})\s*:", re.I)
 
 
 def simulator_view(persona):

@@ -314,6 +314,7 @@ class Trajectory:
     decision: str = "continue"
     empty_agent_turns: int = 0
     truncated_agent_turns: int = 0
+    callee_cuts: int = 0            # agent turns ended where they started the callee's part (stop_at_callee)
 
     @property
     def reward(self):
@@ -361,6 +362,41 @@ def teacher_view(traj, note_ids, placement):
     return teacher, index
 
 
+def start_call(tokenizer, persona, group, opening, header, note=None, privileged=None):
+    """A new Trajectory up to the agent's first turn: the agent's system block (with its note slot), the
+    callee's opening line and the generation header. `privileged` ('system' | 'turn') puts `note` ids in
+    the policy's own view (the pilot's privileged policy)."""
+    t = Trajectory(persona=persona, group=group, ids=[], agent_mask=[], turn_ids=[], logprobs=[], note_slots=[],
+                   messages=[])
+    opening_ids, body, closing_ids = lm.message_ids(tokenizer, "system", personas.agent_system_prompt(persona))
+    t.extend(opening_ids + body)
+    t.note_slots.append(len(t.ids))
+    t.extend((note if privileged == "system" else []) + closing_ids)
+    _user_turn(t, tokenizer, opening, header, note if privileged == "turn" else None)
+    return t
+
+
+def render_call(tokenizer, persona, messages, states=(), decision="continue", group=0):
+    """A finished call given as text ([{role, content}], the callee first) as the Trajectory the policy
+    would have produced: the same ids, agent mask and note slots as `run`, the agent's text encoded once
+    (log-probs 0). For supervised data (warmstart.py) and for tests. The agent's turns end with the
+    end-of-turn token (trained), the callee's last line, if any, closes the call as context."""
+    eos, closing = lm.end_of_turn_ids(tokenizer)
+    header = lm.encode(tokenizer, lm.generation_header(tokenizer))
+    t = start_call(tokenizer, persona, group, messages[0]["content"], header)
+    for k in range(1, len(messages), 2):
+        t.extend(lm.encode(tokenizer, messages[k]["content"]) + [eos], agent=True)
+        t.extend(closing)
+        t.messages.append(messages[k])
+        t.states.append(states[len(t.states)] if len(states) > len(t.states) else {})
+        if k + 1 < len(messages) and k + 2 < len(messages):
+            _user_turn(t, tokenizer, messages[k + 1]["content"], header)
+        elif k + 1 < len(messages):
+            t.messages.append(messages[k + 1])
+    t.decision = decision
+    return t
+
+
 def _user_turn(traj, tokenizer, text, header, note=None):
     opening, body, closing = lm.message_ids(tokenizer, "user", text)
     traj.extend(opening + body)
@@ -370,9 +406,26 @@ def _user_turn(traj, tokenizer, text, header, note=None):
 
 
 @torch.no_grad()
-def note_ids(tokenizer, persona):
-    """The privileged note as token ids, inserted after a message's content."""
-    return lm.encode(tokenizer, "\n" + personas.private_view(persona))
+def note_ids(tokenizer, persona, style="concerns"):
+    """The privileged note (`personas.private_view`, `aopsd.note`) as token ids, inserted after a message's
+    content."""
+    return lm.encode(tokenizer, "\n" + personas.private_view(persona, style))
+
+
+def callee_cut(tokenizer, tokens, persona):
+    """Where a sampled agent turn starts to speak as the callee ('... Customer: Hello?', 'Maria: ...'):
+    the number of tokens to keep (those wholly before the label), or None if it never does. The turn
+    then ends there, as a turn cut at the token budget does: the kept tokens stay as sampled, and the
+    end of turn is added as context (`rollout.stop_at_callee`)."""
+    pattern = personas.callee_label(persona)
+    m = pattern.search(tokenizer.decode(tokens, skip_special_tokens=True))
+    if not m:
+        return None
+    start = m.start(2)                            # where the label word begins
+    keep = 0
+    while keep < len(tokens) and len(tokenizer.decode(tokens[:keep + 1], skip_special_tokens=True)) <= start:
+        keep += 1
+    return keep
 
 
 def wave_rows(model, rollout_cfg):
@@ -392,7 +445,7 @@ def wave_rows(model, rollout_cfg):
 
 
 def run(model, tokenizer, simulator, persona_list, rollout_cfg, group_size=1, seed=0, progress=False,
-        decoder=KVBatch, privileged=None, teacher_placement=None):
+        decoder=KVBatch, privileged=None, teacher_placement=None, note="concerns"):
     """G = group_size dialogues per persona. Returns [Trajectory], grouped by persona (group id =
     persona index). Dialogues advance together in waves of at most `wave_rows(...)` (whole persona
     groups; on the CPU one wave), which bounds the KV-cache memory of a large step. `decoder` is
@@ -400,8 +453,8 @@ def run(model, tokenizer, simulator, persona_list, rollout_cfg, group_size=1, se
     'system' or 'turn' lets the *policy* see the hidden concerns (the pilot study's privileged
     policy); trajectories are then not student views and must not be trained on. `teacher_placement`
     ('system' | 'turn'), when the trainer will build the privileged teacher view, makes
-    `rollout.max_context` bound that longer view too. `progress` (True or a label) shows a bar on
-    stderr (`_progress`)."""
+    `rollout.max_context` bound that longer view too; `note` is the note's style (`aopsd.note`).
+    `progress` (True or a label) shows a bar on stderr (`_progress`)."""
     per_wave = max(1, wave_rows(model, rollout_cfg) // group_size)
     generator = device_generator(seed, model)
     bar = _progress(progress, len(persona_list) * group_size * simulator.cfg["max_turns"])
@@ -410,13 +463,13 @@ def run(model, tokenizer, simulator, persona_list, rollout_cfg, group_size=1, se
         groups = list(enumerate(persona_list))[start:start + per_wave]
         dialogues = [(g, p) for g, p in groups for _ in range(group_size)]
         trajs += _play(model, tokenizer, simulator, dialogues, rollout_cfg, seed, bar, decoder, privileged,
-                       teacher_placement, generator)
+                       teacher_placement, generator, note)
     bar.close()
     return trajs
 
 
 def _play(model, tokenizer, simulator, dialogues, rollout_cfg, seed, bar, decoder, privileged,
-          teacher_placement, generator):
+          teacher_placement, generator, note_style):
     """One wave: the dialogues [(group id, persona)] advanced together, turn by turn."""
     eos, closing = lm.end_of_turn_ids(tokenizer)
     stops = lm.stop_ids(tokenizer, model)
@@ -425,15 +478,9 @@ def _play(model, tokenizer, simulator, dialogues, rollout_cfg, seed, bar, decode
     policy = decoder(model, tokenizer.pad_token_id, adapter=True)
     trajs, note_len = [], []
     for i, ((g, p), opening) in enumerate(zip(dialogues, openings)):
-        t = Trajectory(persona=p, group=g, ids=[], agent_mask=[], turn_ids=[], logprobs=[], note_slots=[],
-                       messages=[])
-        opening_ids, body, closing_ids = lm.message_ids(tokenizer, "system", personas.agent_system_prompt(p))
-        t.extend(opening_ids + body)
-        t.note_slots.append(len(t.ids))
-        note = note_ids(tokenizer, p) if privileged or teacher_placement else None
+        note = note_ids(tokenizer, p, note_style) if privileged or teacher_placement else None
         note_len.append(len(note) if teacher_placement else 0)
-        t.extend((note if privileged == "system" else []) + closing_ids)
-        _user_turn(t, tokenizer, opening, header, note if privileged == "turn" else None)
+        t = start_call(tokenizer, p, g, opening, header, note, privileged)
         policy.add(i, t.ids)
         trajs.append(t)
     max_context = rollout_cfg["max_context"]
@@ -460,11 +507,17 @@ def _play(model, tokenizer, simulator, dialogues, rollout_cfg, seed, bar, decode
         for i in live:
             tokens, logprobs = outs[i]
             t = trajs[i]
+            keep = callee_cut(tokenizer, tokens, t.persona) if rollout_cfg["stop_at_callee"] else None
+            if keep is not None:            # it started the callee's part: the turn ends before it
+                policy.rollback(i, len(tokens))
+                policy.extend(i, tokens[:keep])
+                tokens, logprobs = tokens[:keep], logprobs[:keep]
+                t.callee_cuts += 1
             t.extend(tokens, agent=True, logprobs=logprobs)
-            ended = tokens[-1] in stops
+            ended = bool(tokens) and tokens[-1] in stops
             # the template's own end-of-turn token is followed by the rest of the closing; any other stop
             # token, or a turn cut at the token budget, is closed as context with the full closing
-            tail = closing if tokens[-1] == eos else [eos] + closing
+            tail = closing if tokens and tokens[-1] == eos else [eos] + closing
             t.extend(tail)
             policy.extend(i, tail)
             text = tokenizer.decode(tokens[:-1] if ended else tokens, skip_special_tokens=True).strip()
@@ -484,7 +537,7 @@ def _play(model, tokenizer, simulator, dialogues, rollout_cfg, seed, bar, decode
             else:
                 before = len(t.ids)
                 _user_turn(t, tokenizer, user_msgs[i], header,
-                           note_ids(tokenizer, t.persona) if privileged == "turn" else None)
+                           note_ids(tokenizer, t.persona, note_style) if privileged == "turn" else None)
                 policy.extend(i, t.ids[before:])
         policy.drop(finished)
         live = [i for i in live if i not in finished]

@@ -48,6 +48,7 @@ import losses
 import personas as P
 import rollout
 import simulator as S
+import warmstart
 
 
 # =============================================================================================
@@ -119,7 +120,8 @@ def teacher_logits(model, tokenizer, batch, targets, aopsd_cfg):
     agent tokens as the student's (N, V) logits, in eval mode (the student's mode is restored)."""
     rows, b_idx, c_idx = [], [], []
     for b, (tr, tg) in enumerate(zip(batch, targets)):
-        teacher_ids, index = rollout.teacher_view(tr, rollout.note_ids(tokenizer, tr.persona), aopsd_cfg["placement"])
+        teacher_ids, index = rollout.teacher_view(tr, rollout.note_ids(tokenizer, tr.persona, aopsd_cfg["note"]),
+                                                  aopsd_cfg["placement"])
         for j in tg[0]:
             b_idx.append(b)
             c_idx.append(index[j + 1] - 1)     # the teacher position predicting token j + 1
@@ -183,7 +185,7 @@ class Trainer:
             self.model.set_adapter("default")
         self.sim_tokenizer, self.sim_model = self.tokenizer, self.model   # same base, adapter disabled
         if cfg["simulator"]["model"]:
-            self.sim_tokenizer, self.sim_model = lm.load_model({**cfg["model"], "name_or_path": cfg["simulator"]["model"]})
+            self.sim_tokenizer, self.sim_model = lm.load_model({**cfg["model"], "name_or_path": cfg["simulator"]["model"], "warm_start": ""})
         self.simulator = S.CognitiveUserSimulator(cfg["simulator"], self.sim_model, self.sim_tokenizer, seed=cfg["seed"])
         self.train_personas = [p for k in range(t["steps"]) for p in self.personas_for(k)]
         pc = cfg["personas"]
@@ -211,7 +213,8 @@ class Trainer:
     def personas_for(self, step):
         """The training personas of step `step` (0-based): a function of the seed and the step only."""
         pc = self.cfg["personas"]
-        return P.schedule(pc["domains"], self.cfg["train"]["personas_per_step"], pc["train_seed"], step)
+        return P.schedule(pc["domains"], self.cfg["train"]["personas_per_step"], pc["train_seed"], step,
+                          pc["curriculum_steps"])
 
     def collect(self, step):
         """Rollouts for one step (G per persona), with the model in eval mode and no gradient."""
@@ -221,7 +224,7 @@ class Trainer:
         trajs = rollout.run(self.model, self.tokenizer, self.simulator, self.personas_for(step),
                             self.cfg["rollout"], group_size=self.cfg["train"]["group_size"],
                             seed=self.cfg["seed"] * 100_003 + step, progress=f"step {step + 1} rollouts",
-                            teacher_placement=aopsd["placement"] if aopsd["coef"] > 0 else None)
+                            teacher_placement=aopsd["placement"] if aopsd["coef"] > 0 else None, note=aopsd["note"])
         seconds = time.perf_counter() - t0
         # policy tokens + the simulator's own lines
         generated = sum(sum(t.agent_mask) for t in trajs) + self.simulator.stats["generated_tokens"] - sim_before
@@ -496,7 +499,10 @@ def main(argv=None):
         raise SystemExit(f"unknown flag --{sorted(unknown)[0]}; savpo.py takes --config PATH, --resume, --compare "
                          f"[--seeds 0,1 --personas N --n N --out DIR] and key=value overrides.")
     if flags.get("compare"):   # eval.py's comparison of every preset, trained by this file's Trainer
-        return evaluation.compare_main(sys.argv[1:] if argv is None else argv, lambda c, resume: Trainer(c, resume).train())
+        args = list(sys.argv[1:] if argv is None else argv)
+        if cfg["model"]["warm_start"] == "auto":     # every preset starts from the same warm start
+            args.append(f"model.warm_start={warmstart.resolve(cfg)['model']['warm_start']}")
+        return evaluation.compare_main(args, lambda c, resume: Trainer(c, resume).train())
     if flags.get("resume"):
         saved = os.path.join(cfg["out_dir"], "config.yaml")
         if os.path.exists(saved):
@@ -506,6 +512,7 @@ def main(argv=None):
         raise SystemExit(f"{cfg['out_dir']} already holds a run; continue it with --resume or choose "
                          f"another out_dir=...")
     try:
+        cfg = warmstart.resolve(cfg)
         trainer = Trainer(cfg, resume=bool(flags.get("resume")))
     except (lm.ModelError, P.DomainError, checkpoint.CheckpointError) as e:
         raise SystemExit(str(e))

@@ -176,8 +176,6 @@ def transition(state, persona, appraisal, rules, max_turns):
     return s
 
 
-CALLEE_LABEL = re.compile(r"(^|\n|[.!?:]\s+|\s)(customer|callee|client|user|owner|rider|merchant|restaurant|"
-                          r"caller|prospect|homeowner|household|them|him|her|me)\s*:", re.I)
 CALLEE_VOICE = re.compile(r"\b(this is the (owner|customer|manager)|owner speaking|i'?m the owner|"
                           r"i'?m (really |a bit |quite |so )?(worried|concerned|scared)|i (really )?worry)\b", re.I)
 
@@ -186,9 +184,9 @@ def speaks_for_callee(agent_text, persona):
     """Does the agent's turn speak as the callee or write the callee's part ("Customer: Hello? Sam: ...",
     "Maria: I'm not sure", "This is the owner speaking", "I'm worried about the fees")?"""
     first = re.escape(persona.name.split()[0])
-    names = re.compile(rf"(^|\n|[.!?:]\s+|\s)({re.escape(persona.name)}|{first})\s*:|\b(this is|i'?m|i am|my name is)\s+"
-                       rf"({re.escape(persona.name)}|{first})\b", re.I)
-    return bool(CALLEE_LABEL.search(agent_text) or CALLEE_VOICE.search(agent_text) or names.search(agent_text))
+    as_callee = re.compile(rf"\b(this is|i'?m|i am|my name is)\s+({re.escape(persona.name)}|{first})\b", re.I)
+    return bool(P.callee_label(persona).search(agent_text) or CALLEE_VOICE.search(agent_text)
+                or as_callee.search(agent_text))
 
 
 def repeats_itself(agent_text, previous_turns):
@@ -663,12 +661,14 @@ SCRIPTED_AGENTS = {   # name -> (policy, knows the hidden concerns, asks questio
 }
 
 
-def play_scripted(agent, personas, sim_cfg, seed=0, natural_lines=None):
+def play_scripted(agent, personas, sim_cfg, seed=0, natural_lines=None, transcripts=None):
     """Play one scripted agent against every persona (batched), -> list of final states. Every agent
     sees the public bank and what the callee has *said* (`voiced`: concerns voiced and not yet
-    resolved); only the privileged agent also sees `persona`."""
+    resolved); only the privileged agent also sees `persona`. `transcripts`, a list, receives each call
+    as [(role, content)] messages with the state after every agent turn (warmstart.py's data)."""
     sim = CognitiveUserSimulator({**sim_cfg, "utterance": "template"}, seed=seed)
     openings = sim.reset(personas)
+    calls = [{"messages": [{"role": "user", "content": line}], "states": []} for line in openings]
     questions, natural = _expert_questions(), _natural_lines(natural_lines)
     obs = [{"persona": p, "bank": P.load_bank(p.domain), "questions": questions, "asked": {}, "turn": 0,
             "max_turns": sim_cfg["max_turns"], "voiced": set(), "status": dict(sim.states[i].concern_status),
@@ -682,12 +682,16 @@ def play_scripted(agent, personas, sim_cfg, seed=0, natural_lines=None):
             o["turn"] += 1
             msgs.append(None if done else agent(o))
         users, states, _ = sim.step(msgs)
-        for o, user, state in zip(obs, users, states):
+        for o, user, state, msg, call in zip(obs, users, states, msgs, calls):
             if user is not None:
+                call["messages"] += [{"role": "assistant", "content": msg}, {"role": "user", "content": user}]
+                call["states"].append(state.to_dict())
                 o["status"] = dict(state.concern_status)
                 o["voiced"] = {cid for cid, st in state.concern_status.items() if st == "revealed"}
                 o["heard_nothing"] = state.events["open_probe"] and not state.events["revealed"]
                 o["last_user"] = user
+    if transcripts is not None:
+        transcripts += [{**call, "decision": state.decision} for call, state in zip(calls, sim.states)]
     return sim.states
 
 

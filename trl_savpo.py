@@ -149,7 +149,8 @@ def make_rollout_func(cfg, personas_by_id, simulator):
         with torch.no_grad():   # group_size 1 over the repeated list: the same dialogues as G per persona
             trajs = rollout.run(model, trainer.processing_class, simulator, [personas_by_id[p] for p in prompts],
                                 cfg["rollout"], group_size=1, seed=cfg["seed"] * 100_003 + step + RANK_SEED * rank,
-                                teacher_placement=aopsd["placement"] if aopsd["coef"] > 0 else None)
+                                teacher_placement=aopsd["placement"] if aopsd["coef"] > 0 else None,
+                                note=aopsd["note"])
         model.train(was_training)
         return trl_batch(trajs, rank, cfg["train"]["group_size"])
     return rollout_func
@@ -164,9 +165,7 @@ def persona_dataset(cfg):
     """The training rows: savpo.py's persona schedule, step by step, one persona id per row. Returns
     (datasets.Dataset, {persona id: Persona})."""
     from datasets import Dataset
-    pc, t = cfg["personas"], cfg["train"]
-    schedule = [p for k in range(t["steps"]) for p in P.schedule(pc["domains"], t["personas_per_step"],
-                                                                 pc["train_seed"], k)]
+    schedule = evaluation.train_personas(cfg)
     return Dataset.from_dict({"prompt": [p.persona_id for p in schedule]}), {p.persona_id: p for p in schedule}
 
 
@@ -263,7 +262,7 @@ def build_trainer(cfg):
     model = lm.add_lora(base, cfg["lora"], gradient_checkpointing=cfg["train"]["gradient_checkpointing"])
     sim_tokenizer, sim_model = tokenizer, model                # same base, adapter disabled
     if cfg["simulator"]["model"]:
-        sim_tokenizer, sim_model = lm.load_model({**cfg["model"], "name_or_path": cfg["simulator"]["model"]})
+        sim_tokenizer, sim_model = lm.load_model({**cfg["model"], "name_or_path": cfg["simulator"]["model"], "warm_start": ""})
     simulator = S.CognitiveUserSimulator(cfg["simulator"], sim_model, sim_tokenizer, seed=cfg["seed"])
     dataset, personas_by_id = persona_dataset(cfg)
     trainer = _trainer_class()(cfg, model, tokenizer, args, dataset, make_rollout_func(cfg, personas_by_id, simulator))

@@ -160,6 +160,12 @@ def test_compare_trains_every_preset_and_reports_intervals(tmp_path, tokenizer):
     assert result["savpo"]["per_seed_means"].keys() == {0, 1}
     text = (out / "compare.md").read_text()
     assert "| savpo |" in text and "reveal minus base" in text and (out / "compare.png").stat().st_size > 1000
+    saved = json.loads((out / "compare.json").read_text())
+    tables = saved["per_persona"]      # savpo - grpo: the seeds' tables averaged per persona, then paired
+    mean = lambda algo, p: sum(tables[f"{algo}_seed{s}"][p]["success"] for s in (0, 1)) / 2
+    expected = sum(mean("savpo", p) - mean("grpo", p) for p in tables["base"]) / len(tables["base"])
+    assert saved["pairs"]["savpo - grpo"]["success"][0] == pytest.approx(expected, abs=1e-4)
+    assert "| savpo - grpo |" in text
     again = E.compare(None, overrides, [0, 1], 3, 2, str(out), train, algos=("grpo", "savpo"))   # reuses the runs
     assert again["savpo"]["intervals"] == result["savpo"]["intervals"]
 
@@ -178,3 +184,18 @@ def test_progress_goes_to_stderr_and_stdout_keeps_the_results(tmp_path, tokenize
     assert out.splitlines()[0].startswith("base ") and "wrote " in out
     saved = [json.loads(l) for l in open(tmp_path / "ev" / "samples_base.jsonl")]
     assert saved[0]["domain"] and saved[0]["public"].startswith("Callee:") and saved[0]["concerns"][0]["severity"] >= 1
+
+
+def test_the_pilot_plays_each_note_style_and_judges_the_claim_on_paired_intervals(tiny_dir, tmp_path, capsys):
+    """--pilot --notes concerns,guide: the base policy and the same policy given each note, on the same
+    personas and seeds; the verdict line quotes the paired success and resolve intervals."""
+    E.main(["--pilot", "--notes", "concerns,guide", "--n", "1", "--personas", "2", "--out", str(tmp_path / "ev"),
+            f"model.name_or_path={tiny_dir}", "rollout.max_new_tokens=3", "simulator.max_turns=1",
+            "simulator.appraiser=lexical", "aopsd.placement=system"])
+    out = capsys.readouterr().out
+    report = json.load(open(tmp_path / "ev" / "metrics.json"))
+    assert list(report) == ["base", "base+privileged(concerns, system)", "base+privileged(guide, system)"]
+    assert out.count("pilot: the claim does not hold for base+privileged(") == 2 and "resolved " in out
+    with pytest.raises(SystemExit, match="unknown note style"):
+        E.main(["--pilot", "--notes", "hints", "--n", "1", "--personas", "2", "--out", str(tmp_path / "ev2"),
+                f"model.name_or_path={tiny_dir}", "simulator.appraiser=lexical"])

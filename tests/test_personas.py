@@ -94,3 +94,13 @@ def test_cli_prints_json_lines():
                          capture_output=True, text=True, check=True, cwd=P.os.path.dirname(P.DOMAIN_DIR) + "/..")
     lines = [json.loads(l) for l in out.stdout.splitlines()]
     assert len(lines) == 6 and len({l["persona_id"] for l in lines}) == 6
+
+
+def test_a_curriculum_starts_with_one_concern_personas_then_runs_the_usual_schedule():
+    domains = ["merchant_recruitment", "courier_recruitment", "broadband_switch"]
+    early = [p for k in range(3) for p in P.schedule(domains, 3, 0, k, curriculum_steps=3)]
+    assert all(len(p.concerns) == 1 for p in early) and len({p.persona_id for p in early}) == 9
+    assert {p.domain for p in early} == set(domains)
+    for k in range(3):      # after the curriculum, step 3 + k is the plain schedule's step k
+        assert P.schedule(domains, 3, 0, 3 + k, curriculum_steps=3) == P.schedule(domains, 3, 0, k)
+    assert any(len(p.concerns) > 1 for k in range(3) for p in P.schedule(domains, 3, 0, k))

@@ -1,0 +1,153 @@
+"""The privileged view the model can act on and the warm start: what the note may hold, a call given as
+text rendered exactly as a rollout feeds the policy, the stop at the callee's part, the concise expert,
+and a supervised stage that learns its data and folds into the weights."""
+
+import re
+
+import pytest
+import torch
+
+import config
+import lm
+import personas as P
+import rollout
+import simulator as S
+import warmstart as W
+from conftest import make_tiny_model
+
+
+@pytest.mark.parametrize("style", P.NOTE_STYLES)
+def test_the_note_holds_the_personas_own_concerns_and_nothing_else(style):
+    """Every quoted piece of the note is the persona's own concern's statement, its expert question or its
+    resolution (the bank's fact for it); no other concern of the bank appears, by id, words or fact."""
+    for domain in P.list_domains():
+        bank = P.load_bank(domain)
+        questions = P.expert_questions(domain)
+        for persona in P.sample(domain, 12, 3):
+            note = P.private_view(persona, style)
+            mine = {c.id for c in persona.concerns}
+            allowed = {text for c in persona.concerns
+                       for text in (c.statement, c.resolution, *questions[c.id])}
+            assert set(re.findall(r'"([^"]+)"', note)) <= allowed
+            outside = re.sub(r'"[^"]+"', "", note)                    # what is said outside the quotes
+            assert set(re.findall(r"\d\. ([a-z ]+):", outside)) <= {c.replace("_", " ") for c in mine}
+            for other in bank["concerns"]:
+                if other["id"] in mine:
+                    continue
+                assert other["id"].replace("_", " ") not in note
+                assert other["statement"] not in note and other["resolution"] not in note
+                assert not any(q in note for q in questions[other["id"]])
+
+
+class ScriptedDecoder(rollout.KVBatch):
+    """KVBatch whose `generate` returns scripted agent turns (token ids + end of turn) instead of sampling,
+    so a rollout's ids can be compared with `render_call` of the same texts."""
+    script = {}
+
+    def generate(self, max_new_tokens, stop_ids, temperature=0.0, top_p=1.0, generator=None):
+        out = {}
+        for key in self.keys:
+            tokens = self.script[key].pop(0)
+            self.rows[key].extend(tokens)
+            out[key] = (tokens, [0.0] * len(tokens))
+        return out
+
+
+def scripted_run(cfg, tokenizer, texts, extra=(), stop_at_callee=False):
+    model = make_tiny_model(tokenizer)
+    sim = S.CognitiveUserSimulator({**cfg["simulator"], "appraiser": "lexical", "utterance": "template",
+                                    "max_turns": len(texts)}, seed=0)
+    eos = tokenizer.eos_token_id
+    ScriptedDecoder.script = {0: [lm.encode(tokenizer, t) + list(x) + [eos] for t, x in
+                                  zip(texts, list(extra) + [()] * len(texts))]}
+    persona = P.sample("merchant_recruitment", 1, 0)[0]
+    roll = {**cfg["rollout"], "stop_at_callee": stop_at_callee}
+    return rollout.run(model, tokenizer, sim, [persona], roll, decoder=ScriptedDecoder)[0]
+
+
+def test_render_call_equals_what_a_rollout_feeds_the_policy(cfg, tokenizer):
+    texts = ["Hi, is the commission a worry for you?", "It is 15% for six months.", "Shall I sign you up?"]
+    traj = scripted_run(cfg, tokenizer, texts)
+    rendered = rollout.render_call(tokenizer, traj.persona, traj.messages, traj.states, traj.decision)
+    n = len(rendered.ids)
+    assert rendered.ids == traj.ids[:n] and rendered.agent_mask == traj.agent_mask[:n]
+    assert rendered.turn_ids == traj.turn_ids[:n] and rendered.note_slots == traj.note_slots
+    assert [m["content"] for m in rendered.messages if m["role"] == "assistant"] == texts
+    assert sum(rendered.agent_mask) == sum(len(lm.encode(tokenizer, t)) + 1 for t in texts)
+
+
+def test_a_turn_that_starts_the_callees_part_ends_before_it(cfg, tokenizer):
+    persona = P.sample("merchant_recruitment", 1, 0)[0]
+    clean, tail = "Is the commission a worry for you?", f" Customer: Yes. {persona.name.split()[0]}: It is."
+    tokens = lm.encode(tokenizer, clean + tail)
+    keep = rollout.callee_cut(tokenizer, tokens, persona)
+    assert tokenizer.decode(tokens[:keep]).strip() == clean
+    assert rollout.callee_cut(tokenizer, lm.encode(tokenizer, clean), persona) is None
+    # in a rollout: only the turn's own part stays, as sampled, and the end of turn is context
+    extra = lm.encode(tokenizer, tail)
+    traj = scripted_run(cfg, tokenizer, [clean], extra=[extra], stop_at_callee=True)
+    assert traj.messages[1]["content"] == clean and traj.callee_cuts == 1
+    agent = [t for t, m in zip(traj.ids, traj.agent_mask) if m]
+    assert agent == lm.encode(tokenizer, clean)                     # the end of turn was not sampled: context
+    whole = scripted_run(cfg, tokenizer, [clean], extra=[extra], stop_at_callee=False)
+    assert whole.messages[1]["content"].endswith("It is.") and whole.callee_cuts == 0
+
+
+def test_the_expert_keeps_to_the_turn_budget_and_one_move_of_each_kind(tokenizer):
+    persona = P.sample("courier_recruitment", 1, 4)[0]
+    obs = {"persona": persona, "bank": P.load_bank(persona.domain), "asked": {}, "turn": 1,
+           "status": {c.id: "hidden" for c in persona.concerns}, "voiced": set()}
+    first = W.expert_turn(obs, tokenizer, 39)
+    assert first.startswith("Hi, this is Sam") and len(lm.encode(tokenizer, first)) <= 40
+    cid = persona.concerns[0].id
+    obs.update(turn=2, voiced={cid}, status={**obs["status"], cid: "revealed"})
+    second = W.expert_turn(obs, tokenizer, 39)
+    assert second.startswith(W.shortest_answer(tokenizer, next(c for c in obs["bank"]["concerns"] if c["id"] == cid)))
+    assert second.count("?") <= 1                                  # an answer and at most one question
+    obs.update(turn=3, voiced=set(), status={c.id: "resolved" for c in persona.concerns})
+    assert W.expert_turn(obs, tokenizer, 39) == S._push(obs["bank"])
+
+
+def test_the_warm_start_learns_its_calls_and_folds_into_the_weights(tiny_dir, tmp_path, tokenizer):
+    cfg = config.load(None, [f"model.name_or_path={tiny_dir}", f"warmstart.out_dir={tmp_path}", "warmstart.calls=3",
+                             "warmstart.epochs=2", "warmstart.lr=5e-3", "warmstart.micro_batch=3",
+                             "simulator.appraiser=lexical", "aopsd.note=guide", "personas.eval_n=3"])
+    path = W.train(cfg, log=lambda *a: None)
+    losses = [__import__("json").loads(line)["loss"] for line in open(tmp_path / "metrics.jsonl")]
+    assert losses[1] < losses[0]                                   # it learns its data
+    calls = [__import__("json").loads(line) for line in open(tmp_path / "calls.jsonl")]
+    assert len(calls) == 3 and all(c["messages"][0]["role"] == "user" for c in calls)
+    # model.warm_start folds the adapter into the weights: the same logits as base + adapter
+    from peft import PeftModel
+    tok, base = lm.load_model({**cfg["model"], "warm_start": ""})
+    with_adapter = PeftModel.from_pretrained(base, path).eval()
+    _, merged = lm.load_model({**cfg["model"], "warm_start": path})
+    ids = torch.tensor([lm.encode(tok, "Hello, is the commission a worry?")])
+    assert torch.allclose(with_adapter(ids).logits, merged(ids).logits, atol=1e-4)
+    with pytest.raises(lm.ModelError, match="warm_start"):
+        lm.load_model({**cfg["model"], "warm_start": str(tmp_path / "nowhere")})
+
+
+def test_auto_warm_start_trains_once_and_its_runs_are_evaluated_on_it(tiny_dir, tmp_path, capsys):
+    """model.warm_start=auto trains the warm start the first time only; a run on it saves the folder in its
+    config, and eval.py plays that run's adapter on the same warm-started base (and says so)."""
+    import eval as E
+    import savpo
+    common = [f"model.name_or_path={tiny_dir}", f"warmstart.out_dir={tmp_path / 'ws'}", "warmstart.calls=2",
+              "warmstart.epochs=1", "simulator.appraiser=lexical", "personas.eval_n=2"]
+    cfg = config.load(None, ["model.warm_start=auto", *common])
+    resolved = W.resolve(cfg)
+    path = resolved["model"]["warm_start"]
+    assert path == str(tmp_path / "ws" / "adapter") and (tmp_path / "ws" / "adapter" / "adapter_config.json").exists()
+    stamp = (tmp_path / "ws" / "adapter" / "adapter_config.json").stat().st_mtime
+    assert W.resolve(cfg)["model"]["warm_start"] == path
+    assert (tmp_path / "ws" / "adapter" / "adapter_config.json").stat().st_mtime == stamp     # not trained again
+    from conftest import tiny_cfg
+    run = tiny_cfg(tiny_dir, tmp_path / "run", "train.steps=1", f"model.warm_start={path}")
+    savpo.Trainer(run, log=lambda *a: None).train()
+    adapter = tmp_path / "run" / "checkpoints" / "step_000001" / "adapter"
+    E.main(["--adapter", str(adapter), "--n", "1", "--personas", "2", "--no-base", "--out", str(tmp_path / "ev"),
+            f"model.name_or_path={tiny_dir}", "simulator.appraiser=lexical", "rollout.max_new_tokens=4",
+            "simulator.max_turns=1"])
+    assert f"model.warm_start={path}" in capsys.readouterr().err
+    assert config.load(str(tmp_path / "ev" / "config.yaml"))["model"]["warm_start"] == path

@@ -1,0 +1,195 @@
+"""Warm start: a short supervised stage on expert calls, so a small policy can hold a call and read the
+privileged note before reinforcement learning starts.
+
+    python warmstart.py                                   # -> runs/warmstart/adapter, ~20 min on 2 CPU cores
+    python savpo.py model.warm_start=runs/warmstart/adapter        # every method then starts from it
+    python eval.py --pilot model.warm_start=runs/warmstart/adapter # the premise: does the note help now?
+
+Why: the embedded 135M model, given the hidden concerns in its prompt, mostly *narrates* them ("They're
+worried about moving house.") instead of asking, and often writes the callee's part; a teacher that does
+not use its privileged view has nothing to distil. A supervised stage on calls that go well is the
+standard lever (the published systems start their RL from an instruction-tuned or SFT policy).
+
+The expert is scripted and sees the hidden concerns (`expert_turn`): it greets, asks about each concern
+with the expert questions (`data/logs/expert_questions.yaml`, a `guarded` concern twice), answers each
+once voiced with its shortest true answer of the bank, then asks for the decision -- one move of each
+kind per turn at most, within the policy's own turn budget (`rollout.max_new_tokens`). It plays
+`warmstart.calls` personas of seed `warmstart.seed` (disjoint from the evaluation personas, checked)
+against the template simulator. Every call becomes training sequences tokenised exactly as `rollout.run`
+feeds the policy (`rollout.render_call`): the conversation-only view, the privileged view (the note of
+`aopsd.note` at `aopsd.placement`), or both (`warmstart.views`). The loss is the cross-entropy of the
+agent's tokens (each turn's end-of-turn token included), a LoRA adapter of the `lora:` shape trained for
+`warmstart.epochs` passes. `model.warm_start` then folds it into the weights (`lm.merge_warm_start`).
+
+What this chooses where the paper is silent: the same expert calls in both views, so the student view
+learns the conversation (greet, ask, answer the voiced worry with its fact, ask for the decision) and
+the privileged view also learns to read the note; trained on moves that depended on the note, the
+student learns to ask about *some* concern -- which one is what the privileged view knows and SAVPO's
+distillation has to carry over.
+"""
+
+import json
+import os
+import random
+import sys
+import time
+
+import torch
+
+import config
+import eval as evaluation
+import lm
+import personas as P
+import rollout
+import simulator as S
+
+
+def shortest_answer(tokenizer, concern):
+    """The shortest of a concern's bank answers (its resolution and answer exemplars) in tokens."""
+    options = [concern["resolution"], *concern.get("answer_examples", [])]
+    return min(options, key=lambda text: len(lm.encode(tokenizer, text)))
+
+
+def expert_turn(obs, tokenizer, budget):
+    """One turn of the concise privileged expert: a greeting on the first turn, an answer to one voiced
+    worry, then a question about one hidden concern (two if nothing is to be answered), or, nothing left,
+    the decision ask -- as many of these as fit `budget` tokens, in that order."""
+    bank, questions = obs["bank"], P.expert_questions(obs["bank"]["name"])
+    by_id = {c["id"]: c for c in bank["concerns"]}
+    hidden = [c.id for c in obs["persona"].concerns if obs["status"][c.id] == "hidden"]
+    voiced = sorted(obs["voiced"])
+    moves = [f"Hi, this is Sam from {bank['agent']['company']}."] if obs["turn"] == 1 else []
+    moves += [shortest_answer(tokenizer, by_id[cid]) for cid in voiced[:1]]
+    for cid in hidden[:1 if voiced else 2]:
+        moves.append(questions[cid][min(obs["asked"].get(cid, 0), 1)])
+    if not hidden and not voiced[1:]:
+        moves.append(S._push(bank))
+    said, used = [], 0
+    for move in moves:
+        n = len(lm.encode(tokenizer, " " + move))
+        if used + n <= budget or not said:
+            said.append(move)
+            used += n
+    for cid in hidden:                                   # the questions actually asked count
+        if any(q in said for q in questions[cid]):
+            obs["asked"][cid] = obs["asked"].get(cid, 0) + 1
+    return " ".join(said)
+
+
+def expert_calls(cfg, tokenizer):
+    """Play the concise expert against `warmstart.calls` personas -> [transcript dicts] (with persona)."""
+    w = cfg["warmstart"]
+    people = P.sample_many(cfg["personas"]["domains"], w["calls"], w["seed"])
+    P.check_disjoint(people, evaluation.eval_personas(cfg))
+    budget = cfg["rollout"]["max_new_tokens"] - 1                   # room for the end-of-turn token
+    calls = []
+    S.play_scripted(lambda obs: expert_turn(obs, tokenizer, budget), people, cfg["simulator"], w["seed"],
+                    transcripts=calls)
+    return [{**call, "persona": p} for call, p in zip(calls, people)]
+
+
+def sequences(cfg, tokenizer, calls):
+    """Each call as (ids, positions, targets) training sequences: the conversation-only view and/or the
+    privileged view; positions[j] is where the logits predict targets[j], an agent token."""
+    a, views = cfg["aopsd"], cfg["warmstart"]["views"]
+    out = []
+    for call in calls:
+        traj = rollout.render_call(tokenizer, call["persona"], call["messages"], call["states"], call["decision"])
+        pos = [j for j in range(len(traj.ids) - 1) if traj.agent_mask[j + 1]]
+        if views in ("both", "student"):
+            out.append((traj.ids, pos, [traj.ids[j + 1] for j in pos]))
+        if views in ("both", "privileged"):
+            ids, index = rollout.teacher_view(traj, rollout.note_ids(tokenizer, traj.persona, a["note"]), a["placement"])
+            out.append((ids, [index[j + 1] - 1 for j in pos], [traj.ids[j + 1] for j in pos]))
+    return out
+
+
+def train(cfg, log=print):
+    """The supervised stage: expert calls -> sequences -> LoRA cross-entropy on the agent's tokens.
+    Writes OUT/adapter (PEFT), OUT/calls.jsonl (the expert's calls), OUT/metrics.jsonl, OUT/config.yaml."""
+    w = cfg["warmstart"]
+    torch.manual_seed(cfg["seed"])
+    tokenizer, base = lm.load_model({**cfg["model"], "warm_start": ""})
+    t0 = time.perf_counter()
+    calls = expert_calls(cfg, tokenizer)
+    won = sum(c["decision"] == "accept" for c in calls)
+    log(f"{len(calls)} expert calls ({won} accepted) in {time.perf_counter() - t0:.0f}s")
+    data = sequences(cfg, tokenizer, calls)
+    model = lm.add_lora(base, cfg["lora"])
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=w["lr"])
+    os.makedirs(w["out_dir"], exist_ok=True)
+    config.save(cfg, w["out_dir"])
+    with open(os.path.join(w["out_dir"], "calls.jsonl"), "w") as f:
+        for c in calls:
+            f.write(json.dumps({"persona_id": c["persona"].persona_id, "decision": c["decision"],
+                                "messages": c["messages"], "states": c["states"]}) + "\n")
+    from tqdm import tqdm
+    rng = random.Random(cfg["seed"])
+    order = list(range(0, len(data), 2 if w["views"] == "both" else 1))     # a call's two views stay together
+    metrics_path = os.path.join(w["out_dir"], "metrics.jsonl")
+    open(metrics_path, "w").close()
+    for epoch in range(w["epochs"]):
+        rng.shuffle(order)
+        model.train()
+        total, tokens = 0.0, 0
+        bar = tqdm(range(0, len(order), w["micro_batch"]), desc=f"warm start epoch {epoch + 1}", unit="batch",
+                   file=sys.stderr)
+        for start in bar:
+            batch = [data[k + v] for k in order[start:start + w["micro_batch"]]
+                     for v in range(2 if w["views"] == "both" else 1)]
+            rows = torch.tensor([b for b, (_, pos, _) in enumerate(batch) for _ in pos])
+            cols = torch.tensor([j for _, pos, _ in batch for j in pos])
+            logits = lm.selected_logits(model, [ids[:pos[-1] + 1] for ids, pos, _ in batch], (rows, cols))   # (N, V)
+            targets = torch.tensor([t for _, _, tg in batch for t in tg], device=logits.device)
+            loss = torch.nn.functional.cross_entropy(logits.float(), targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg["train"]["grad_clip"])
+            optimizer.step()
+            total += float(loss.detach()) * len(targets)
+            tokens += len(targets)
+            bar.set_postfix_str(f"loss {total / tokens:.3f}", refresh=False)
+        bar.close()
+        record = {"epoch": epoch + 1, "loss": round(total / tokens, 4), "agent_tokens": tokens,
+                  "sequences": len(data), "elapsed_s": round(time.perf_counter() - t0, 1)}
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        log(f"epoch {epoch + 1}: cross-entropy {record['loss']:.3f} over {tokens} agent tokens")
+    model.save_pretrained(os.path.join(w["out_dir"], "adapter"))
+    return os.path.join(w["out_dir"], "adapter")
+
+
+def resolve(cfg):
+    """model.warm_start=auto: the adapter in warmstart.out_dir, trained first (warmstart.py) if it is not
+    there yet; the run's saved config then names the folder, so eval.py plays its adapters on that base."""
+    if cfg["model"]["warm_start"] != "auto":
+        return cfg
+    path = os.path.join(cfg["warmstart"]["out_dir"], "adapter")
+    if not os.path.exists(os.path.join(path, "adapter_config.json")):
+        print(f"model.warm_start=auto: no adapter in {path} yet; training it (warmstart.py)", flush=True)
+        train({**cfg, "model": {**cfg["model"], "warm_start": ""}})
+    return {**cfg, "model": {**cfg["model"], "warm_start": path}}
+
+
+def main(argv=None):
+    try:
+        cfg, flags = config.from_argv(argv)
+    except config.ConfigError as e:
+        raise SystemExit(f"config error: {e}")
+    if "help" in flags or "h" in flags:
+        print(__doc__)
+        return
+    if flags:
+        raise SystemExit(f"unknown flag --{sorted(flags)[0]}; warmstart.py takes --config PATH and key=value overrides.")
+    if cfg["model"]["warm_start"]:
+        raise SystemExit("model.warm_start is set: the warm start trains on the base as published; leave it empty here.")
+    try:
+        path = train(cfg)
+    except (lm.ModelError, P.DomainError, ValueError) as e:
+        raise SystemExit(str(e))
+    print(f"adapter: {path}; use it with model.warm_start={path}")
+
+
+if __name__ == "__main__":
+    main()
