@@ -220,6 +220,19 @@ def save(cfg, run_dir):
         yaml.safe_dump(cfg, f, sort_keys=False)
 
 
+def command_line(argv, doc):
+    """The trainers' command line: (config, flags) from argv, a config error as one sentence, or None after
+    printing `doc` for --help / -h."""
+    try:
+        cfg, flags = from_argv(argv)
+    except ConfigError as e:
+        raise SystemExit(f"config error: {e}")
+    if "help" in flags or "h" in flags:
+        print(doc)
+        return None
+    return cfg, flags
+
+
 def from_argv(argv=None):
     """Split argv into --config PATH, flags (--name or --name value) and key=value overrides."""
     argv = list(sys.argv[1:] if argv is None else argv)

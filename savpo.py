@@ -487,13 +487,10 @@ def _append_jsonl(path, record):
 
 
 def main(argv=None):
-    try:
-        cfg, flags = config.from_argv(argv)
-    except config.ConfigError as e:
-        raise SystemExit(f"config error: {e}")
-    if "help" in flags or "h" in flags:
-        print(__doc__)
+    parsed = config.command_line(argv, __doc__)
+    if parsed is None:
         return
+    cfg, flags = parsed
     unknown = set(flags) - ({"compare", "seeds", "personas", "n", "out"} if "compare" in flags else {"resume"})
     if unknown:
         raise SystemExit(f"unknown flag --{sorted(unknown)[0]}; savpo.py takes --config PATH, --resume, --compare "

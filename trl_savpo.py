@@ -285,13 +285,10 @@ def adapter_checksums(trainer):
 
 def main(argv=None):
     """The command line: config + overrides -> a TRL run -> the adapter, its checksums, a held-out evaluation."""
-    try:
-        cfg, flags = config.from_argv(argv)
-    except config.ConfigError as e:
-        raise SystemExit(f"config error: {e}")
-    if "help" in flags or "h" in flags:
-        print(__doc__)
+    parsed = config.command_line(argv, __doc__)
+    if parsed is None:
         return
+    cfg, flags = parsed
     if set(flags) - {"resume"}:
         raise SystemExit(f"unknown flag --{sorted(set(flags) - {'resume'})[0]}; trl_savpo.py takes --config PATH, "
                          f"--resume and key=value overrides.")

@@ -173,13 +173,10 @@ def resolve(cfg):
 
 
 def main(argv=None):
-    try:
-        cfg, flags = config.from_argv(argv)
-    except config.ConfigError as e:
-        raise SystemExit(f"config error: {e}")
-    if "help" in flags or "h" in flags:
-        print(__doc__)
+    parsed = config.command_line(argv, __doc__)
+    if parsed is None:
         return
+    cfg, flags = parsed
     if flags:
         raise SystemExit(f"unknown flag --{sorted(flags)[0]}; warmstart.py takes --config PATH and key=value overrides.")
     if cfg["model"]["warm_start"]:

@@ -18,29 +18,11 @@ import view
 def scripted_run(agent, personas, sim_cfg):
     """Real calls without a model: a scripted agent of simulator.py against the simulator (bank lines,
     lexical appraiser), recorded as Trajectory.to_dict() records."""
-    sim = S.CognitiveUserSimulator({**sim_cfg, "utterance": "template", "appraiser": "lexical"}, seed=0)
-    openings = sim.reset(personas)
-    questions = S._expert_questions()
-    obs = [{"persona": p, "bank": P.load_bank(p.domain), "questions": questions, "asked": {}, "turn": 0,
-            "voiced": set(), "status": dict(sim.states[i].concern_status), "heard_nothing": False, "last_user": o}
-           for i, (p, o) in enumerate(zip(personas, openings))]
-    trajs = [rollout.Trajectory(persona=p, group=g, ids=[], agent_mask=[], turn_ids=[], logprobs=[], note_slots=[],
-                                messages=[{"role": "user", "content": o}]) for g, (p, o) in enumerate(zip(personas, openings))]
-    while not all(sim.done):
-        msgs = []
-        for o, done in zip(obs, sim.done):
-            o["turn"] += 1
-            msgs.append(None if done else agent(o))
-        users, states, _ = sim.step(msgs)
-        for o, t, m, u, s in zip(obs, trajs, msgs, users, states):
-            if u is None:
-                continue
-            t.messages += [{"role": "assistant", "content": m}, {"role": "user", "content": u}]
-            t.states.append(s.to_dict())
-            t.decision = s.decision
-            o.update(status=dict(s.concern_status), last_user=u, heard_nothing=s.events["open_probe"] and not s.events["revealed"],
-                     voiced={c for c, st in s.concern_status.items() if st == "revealed"})
-    return [t.to_dict() for t in trajs]
+    calls = []
+    S.play_scripted(agent, personas, {**sim_cfg, "appraiser": "lexical"}, transcripts=calls)
+    return [rollout.Trajectory(persona=p, group=g, ids=[], agent_mask=[], turn_ids=[], logprobs=[], note_slots=[],
+                               messages=c["messages"], states=c["states"], decision=c["decision"]).to_dict()
+            for g, (p, c) in enumerate(zip(personas, calls))]
 
 
 class Calls(HTMLParser):
