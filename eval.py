@@ -270,6 +270,13 @@ def eval_personas(cfg, n=None):
     return held
 
 
+def write_samples(trajs, path):
+    """Full dialogues, one JSON line each (Trajectory.to_dict): what view.py draws."""
+    with open(path, "w") as f:
+        for t in trajs:
+            f.write(json.dumps(t.to_dict()) + "\n")
+
+
 # --------------------------------------------------------------------------- report
 
 def write_report(results, out_dir, title):
@@ -451,6 +458,7 @@ def compare(config_path, overrides, seeds, n_personas, n, out, train, algos=ALGO
                         progress=f"eval {name}")
         tables[name] = per_persona(trajs)
         print(f"  {name:26s} " + "  ".join(f"{m} {fmt(v)}" for m, v in intervals(tables[name]).items()), flush=True)
+        write_samples(trajs, os.path.join(out, f"samples_{name.replace('/', '_')}.jsonl"))    # for view.py
 
     play_table("base")
     play_table(f"base+privileged({cfg['aopsd']['placement']})", cfg["aopsd"]["placement"])
@@ -615,9 +623,7 @@ def main(argv=None):
         if "difference_vs_base" in results[name]:
             print(f"{'':28s} minus base: revealed {fmt(results[name]['difference_vs_base']['reveal'])}  "
                   f"success {fmt(results[name]['difference_vs_base']['success'])}")
-        with open(os.path.join(args.out, f"samples_{name.replace('/', '_')}.jsonl"), "w") as f:
-            for t in trajs[::args.n]:
-                f.write(json.dumps(t.to_dict()) + "\n")
+        write_samples(trajs[::args.n], os.path.join(args.out, f"samples_{name.replace('/', '_')}.jsonl"))
 
     os.makedirs(args.out, exist_ok=True)
     config.save(cfg, args.out)

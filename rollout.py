@@ -119,8 +119,9 @@ class KVBatch:
     `adapter=False` runs the same model with its LoRA adapter disabled (the simulator role).
     """
 
-    def __init__(self, model, pad_id, adapter=True):
+    def __init__(self, model, pad_id, adapter=True, share_prefix=True):
         self.model, self.pad_id, self.adapter = model, pad_id, adapter
+        self.share_prefix = share_prefix
         self.keys = []          # row order in the cache
         self.rows = {}          # key -> list of token ids (all of them, cached or not)
         self.n_cached = {}      # key -> how many of those are in the cache
@@ -228,8 +229,55 @@ class KVBatch:
         with contextlib.nullcontext() if self.adapter else lm.adapter_off(self.model):
             return self._generate(max_new_tokens, stop_ids, temperature, top_p, generator)
 
+    def _prefill_shared(self, device, min_shared=32):
+        """Before the first prefill: rows that start with the same tokens -- the G dialogues of a persona
+        share its system prompt, ~420 tokens -- get that prefix computed once and its cache slots
+        copied, instead of once per row. One leader row per group is prefilled up to the group's common
+        prefix (right-padded, like any delta); its cache rows are then gathered into every member's row,
+        and each row goes on from there with its own tokens. A group needs `min_shared` common tokens,
+        and every row keeps at least one token uncached (its logits start the generation). Exact up to
+        the floating-point order of a smaller batch (tested: the same greedy dialogues as without)."""
+        leaders, group_of, shared = [], [], []
+        for k in self.keys:
+            row = self.rows[k]
+            for g, lead in enumerate(leaders):
+                n = 0
+                for a, b in zip(row[:len(row) - 1], self.rows[lead]):
+                    if a != b:
+                        break
+                    n += 1
+                if n >= min_shared:
+                    group_of.append(g)
+                    shared[g] = min(shared[g], n)
+                    break
+            else:
+                group_of.append(len(leaders))
+                leaders.append(k)
+                shared.append(len(row) - 1)
+        if len(leaders) == len(self.keys):
+            return                                  # nothing shared: the plain prefill does it all
+        width = max(shared)
+        input_ids = torch.full((len(leaders), width), self.pad_id, dtype=torch.long, device=device)
+        new_mask = torch.zeros_like(input_ids)
+        for g, (lead, n) in enumerate(zip(leaders, shared)):
+            input_ids[g, :n] = torch.tensor(self.rows[lead][:n], device=device)
+            new_mask[g, :n] = 1
+        t0 = self._clock()
+        self.cache = _slot_cache(self.model.config.get_text_config().num_hidden_layers)
+        self.model(input_ids=input_ids, attention_mask=new_mask, position_ids=(new_mask.cumsum(1) - 1).clamp(min=0),
+                   past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        index = torch.tensor(group_of, dtype=torch.long, device=device)
+        self._resize_rows(lambda t: t.index_select(0, index))                # a copy per member row
+        self.mask = new_mask.index_select(0, index)
+        for k, g in zip(self.keys, group_of):
+            self.n_cached[k] = shared[g]
+        self.prefill_tokens += sum(shared)
+        self.prefill_s += self._clock() - t0
+
     def _generate(self, max_new_tokens, stop_ids, temperature, top_p, generator):
         device = next(self.model.parameters()).device
+        if self.cache is None and self.share_prefix:
+            self._prefill_shared(device)
         if self.cache is not None:
             self._compact()
         deltas = [self.rows[k][self.n_cached[k]:] for k in self.keys]

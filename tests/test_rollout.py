@@ -240,3 +240,27 @@ def test_waves_play_the_same_greedy_dialogues(tokenizer, cfg):
         runs[wave] = ([t.ids for t in trajs], [t.group for t in trajs], sim.stats["generated_tokens"])
     assert runs[0] == runs[4]
     assert runs[4][1] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4] and runs[4][2] > 0
+
+
+def test_dialogues_of_one_persona_share_their_prompts_prefill_and_play_the_same(cfg, tokenizer):
+    """KVBatch computes a prefix the G rollouts of a persona share (its system prompt) once and copies its
+    cache slots: the greedy dialogues are the very ones played without sharing, the log-probs agree to
+    float rounding, and far fewer tokens are prefilled."""
+    model = make_stopping_model(tokenizer)
+    people = P.sample_many(["merchant_recruitment", "courier_recruitment"], 2, seed=0)
+    batches = []
+
+    def play(share):
+        class Decoder(rollout.KVBatch):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **{**kwargs, "share_prefix": share})
+                batches.append(self)
+        sim = S.CognitiveUserSimulator({**cfg["simulator"], "appraiser": "lexical", "utterance": "template"}, seed=0)
+        return rollout.run(model, tokenizer, sim, people, {**cfg["rollout"], "temperature": 0.0, "max_new_tokens": 8},
+                           group_size=3, decoder=Decoder)
+
+    plain, shared = play(False), play(True)
+    assert [t.ids for t in plain] == [t.ids for t in shared]
+    assert max(abs(a - b) for p, s in zip(plain, shared) for a, b in zip(p.logprobs, s.logprobs)) < 1e-4
+    system = len(lm.message_ids(tokenizer, "system", P.agent_system_prompt(people[0]))[1])
+    assert batches[1].prefill_tokens < batches[0].prefill_tokens - 2 * 2 * system     # 2 of 3 rows skip it
