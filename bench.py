@@ -8,6 +8,8 @@
 Decoders run the *same* dialogues (same personas, greedy policy and simulator, the same per-turn
 token budgets), each in its own subprocess so peak memory is its own:
   kv               rollout.KVBatch: per-dialogue KV caches, only each turn's new tokens prefilled
+  kv_compiled      rollout.StaticKVBatch: the same with a fixed-capacity cache and a torch.compile'd decode
+                   step (CUDA graphs on CUDA); an untimed identical run first compiles its shapes (`warmup_s`)
   generate_batched model.generate over all live dialogues, left-padded, re-prefilling whole dialogues
   generate_single  model.generate one dialogue at a time, re-prefilling (what most peers do)
   generate_static  generate_batched with a static, compiled cache (CUDA graphs): the strongest plain
@@ -166,6 +168,10 @@ def run_one(args, method, tokenizer, model):
         if method == "kv":
             d = rollout.KVBatch(model_, pad_id, adapter)
             d.sync = True
+        elif method == "kv_compiled":   # on CUDA one capacity for the whole run: one graph per view
+            capacity = 2048 + args.policy_tokens if torch.cuda.is_available() else None
+            d = rollout.StaticKVBatch(model_, pad_id, adapter, capacity=capacity)
+            d.sync = True
         else:
             d = GenerateBatch(model_, pad_id, adapter, batched=(method != "generate_single"),
                               static=(method == "generate_static"))
@@ -240,7 +246,14 @@ def write_model(arch, path):
 def child(args):
     tokenizer, model = load(args)
     rollout.KVBatch(model, tokenizer.pad_token_id)  # import-time warm-up is not part of any timing
-    print(json.dumps(run_one(args, args.one, tokenizer, model)))
+    warmup_s = None
+    if args.one == "kv_compiled":   # an untimed run first compiles every shape the timed run meets
+        t0 = time.perf_counter()
+        run_one(args, args.one, tokenizer, model)
+        warmup_s = round(time.perf_counter() - t0, 1)
+    result = run_one(args, args.one, tokenizer, model)
+    result["warmup_s"] = warmup_s
+    print(json.dumps(result))
 
 
 def spawn(args, method, dialogues, turns):
@@ -274,7 +287,7 @@ def main():
     parser.add_argument("--model", default=lm.EMBEDDED)
     parser.add_argument("--arch", choices=sorted(ARCHS), help="random-init model of this architecture")
     parser.add_argument("--quantization", default="none", choices=["none", "4bit", "8bit"])
-    parser.add_argument("--methods", default=None, help="default kv,generate_batched,generate_single "
+    parser.add_argument("--methods", default=None, help="default kv,kv_compiled,generate_batched,generate_single "
                         "(+ generate_static on CUDA: a static compiled cache, the strongest plain baseline)")
     parser.add_argument("--write-model", metavar="DIR", help="with --arch: write a random-weight model folder and exit")
     parser.add_argument("--sweep", action="store_true", help="also sweep batch size x turns (kv, generate_batched)")
@@ -287,7 +300,7 @@ def main():
             raise SystemExit("--write-model needs --arch (one of: " + ", ".join(sorted(ARCHS)) + ").")
         print(f"wrote a random-weight {args.arch} with the embedded tokenizer to {write_model(args.arch, args.write_model)}")
         return
-    args.methods = args.methods or "kv,generate_batched,generate_single" + (",generate_static" if torch.cuda.is_available() else "")
+    args.methods = args.methods or "kv,kv_compiled,generate_batched,generate_single" + (",generate_static" if torch.cuda.is_available() else "")
     grid = [(args.dialogues, args.turns, m) for m in args.methods.split(",")]
     if args.sweep:
         grid += [(d, t, m) for d in (4, 32) for t in (3, 6) for m in ("kv", "generate_batched")]
@@ -312,6 +325,8 @@ def main():
         summary[f"{m}_tok_s"] = r["tok_s"]
         summary[f"{m}_peak_gb"] = r["peak_mem_gb"]
         summary[f"{m}_split_s"] = {k: r[k] for k in ("prefill_s", "decode_s", "other_s")}
+        if r.get("warmup_s") is not None:
+            summary[f"{m}_warmup_s"] = r["warmup_s"]
         if "decode_mbu" in r:
             summary[f"{m}_decode_mbu"] = r["decode_mbu"]
     if "kv" in main_rows:
@@ -319,6 +334,10 @@ def main():
             if m != "kv":
                 summary[f"speedup_vs_{m}"] = round(main_rows["kv"]["tok_s"] / main_rows[m]["tok_s"], 2)
         summary["identical_dialogues"] = all(r["same_as_kv"] for r in main_rows.values())
+    if "kv_compiled" in main_rows:
+        for m in main_rows:
+            if m.startswith("generate"):
+                summary[f"kv_compiled_speedup_vs_{m}"] = round(main_rows["kv_compiled"]["tok_s"] / main_rows[m]["tok_s"], 2)
     if args.sweep:
         summary["sweep"] = [{k: r[k] for k in ("method", "dialogues", "turns_cfg", "tok_s")} for r in rows]
     print(json.dumps(summary))

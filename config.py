@@ -33,6 +33,7 @@ CHOICES = {
     "aopsd.teacher": ["live", "fixed", "ema"],
     "aopsd.placement": ["system", "turn"],
     "aopsd.note": ["concerns", "guide"],
+    "rollout.compile": ["auto", "on", "off"],
     "warmstart.views": ["both", "student", "privileged"],
     "aopsd.vocab": ["full", "topk"],
     "aopsd.divergence": ["forward", "reverse", "jsd"],

@@ -237,7 +237,8 @@ def play(model, tokenizer, cfg, persona_list, n, seed, privileged=None, sim_mode
     label for a bar on stderr (turns played, calls over, time left), or False."""
     was_training = model.training
     model.eval()
-    sim = S.CognitiveUserSimulator(cfg["simulator"], sim_model or model, sim_tokenizer or tokenizer, seed=seed + 1)
+    sim = S.CognitiveUserSimulator(cfg["simulator"], sim_model or model, sim_tokenizer or tokenizer, seed=seed + 1,
+                                   decoder=rollout.decoder_for(sim_model or model, cfg["rollout"]))
     trajs = rollout.run(model, tokenizer, sim, persona_list, cfg["rollout"], group_size=n, seed=seed + 7,
                         privileged=privileged, progress=progress, note=note or cfg["aopsd"]["note"])
     model.train(was_training)

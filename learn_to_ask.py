@@ -345,7 +345,7 @@ def play(cfg, adapter=None):
     if cfg["simulator"]["model"]:
         sim_tokenizer, sim_model = lm.load_model({**cfg["model"], "name_or_path": cfg["simulator"]["model"], "warm_start": ""})
     sim = S.CognitiveUserSimulator({**cfg["simulator"], "max_turns": lt["play_turns"]}, sim_model, sim_tokenizer,
-                                   seed=cfg["seed"])
+                                   seed=cfg["seed"], decoder=rollout.decoder_for(sim_model, cfg["rollout"]))
     dialogues = [[{"role": "system", "content": D.call_details(p)}, {"role": "user", "content": o}]
                  for p, o in zip(persona_list, sim.reset(persona_list))]
     n = len(persona_list)

@@ -18,6 +18,9 @@ Two parts:
 
 import contextlib
 import dataclasses
+import functools
+import itertools
+import os
 import time
 
 import torch
@@ -166,7 +169,7 @@ class KVBatch:
     def rollback(self, key, n_tokens):
         """Forget the last `n_tokens` of a row (e.g. an unusable simulator line): its cache slots
         become holes, so the next turn continues as if they had never been generated."""
-        row = self.keys.index(key)
+        row = self._row(key)
         keep = len(self.rows[key]) - n_tokens
         # forget cached slots past `keep`, and the last kept one too if nothing uncached would remain:
         # generating needs the logits of the row's last token, so it must be prefilled again
@@ -274,38 +277,61 @@ class KVBatch:
         self.prefill_tokens += sum(shared)
         self.prefill_s += self._clock() - t0
 
-    def _generate(self, max_new_tokens, stop_ids, temperature, top_p, generator):
-        device = next(self.model.parameters()).device
+    def _rows(self):
+        """The cache's rows in order, each a key (None would be a row no dialogue owns: StaticKVBatch)."""
+        return self.keys
+
+    def _row(self, key):
+        return self.keys.index(key)
+
+    def _prefill(self, device):
+        """Feed every row's uncached tokens (right-padded, one forward) and return the logits that start
+        each row's generation (R, V)."""
         if self.cache is None and self.share_prefix:
             self._prefill_shared(device)
         if self.cache is not None:
             self._compact()
-        deltas = [self.rows[k][self.n_cached[k]:] for k in self.keys]
+        rows = self._rows()
+        deltas = [self.rows[k][self.n_cached[k]:] if k is not None else [self.pad_id] for k in rows]
         assert all(deltas), "every row needs at least one new token before generating"
         width = max(map(len, deltas))
         input_ids = torch.full((len(deltas), width), self.pad_id, dtype=torch.long, device=device)
         new_mask = torch.zeros_like(input_ids)
-        for i, d in enumerate(deltas):
+        for i, (k, d) in enumerate(zip(rows, deltas)):
             input_ids[i, :len(d)] = torch.tensor(d, device=device)
-            new_mask[i, :len(d)] = 1
+            new_mask[i, :len(d)] = int(k is not None)
         t0 = self._clock()
         last = torch.tensor([len(d) - 1 for d in deltas], device=device)
         keep, where = torch.unique(last, return_inverse=True)                  # distinct last positions
-        logits = self._forward(input_ids, new_mask, keep=keep)                 # (B, len(keep), V)
-        next_logits = logits[torch.arange(len(deltas), device=device), where]  # (B, V)
-        t1 = self._clock()
-        self.prefill_s += t1 - t0
-        self.prefill_tokens += sum(map(len, deltas))
-        for k, d in zip(self.keys, deltas):
-            self.n_cached[k] += len(d)
+        logits = self._forward(input_ids, new_mask, keep=keep)                 # (R, len(keep), V)
+        next_logits = logits[torch.arange(len(deltas), device=device), where]  # (R, V)
+        self.prefill_s += self._clock() - t0
+        for k, d in zip(rows, deltas):
+            if k is not None:
+                self.n_cached[k] += len(d)
+                self.prefill_tokens += len(d)
+        return next_logits
 
-        # decode: tokens and log-probs stay on the device in (B, max_new_tokens) buffers; the only host
+    def _step(self, step_ids, active):
+        """One decode step: feed (R, 1) tokens, `active` (R,) marks the rows still going (the others get
+        a hole). Returns the next logits (R, V)."""
+        self.kv_slots_read += len(active) * (self.mask.shape[1] + 1)
+        return self._forward(step_ids, active.long()[:, None])[:, -1]
+
+    def _generate(self, max_new_tokens, stop_ids, temperature, top_p, generator):
+        device = next(self.model.parameters()).device
+        self._reserve = max_new_tokens             # slots the decode may still append (StaticKVBatch's capacity)
+        next_logits = self._prefill(device)
+        t1 = self._clock()
+
+        # decode: tokens and log-probs stay on the device in (R, max_new_tokens) buffers; the only host
         # synchronisation per step is "is any row still going?", and the buffers move to the host once
         stop = torch.tensor(sorted(stop_ids), device=device)
-        n_rows = len(self.keys)
+        rows = self._rows()
+        n_rows = len(rows)
         token_buf = torch.full((n_rows, max_new_tokens), -1, dtype=torch.long, device=device)
         logprob_buf = torch.zeros((n_rows, max_new_tokens), dtype=torch.float32, device=device)
-        active = torch.ones(n_rows, dtype=torch.bool, device=device)
+        active = torch.tensor([k is not None for k in rows], dtype=torch.bool, device=device)
         fed = torch.zeros(n_rows, dtype=torch.long, device=device)             # tokens fed into the cache
         for step in range(max_new_tokens):
             tokens, logprobs = sample_next(next_logits, temperature, top_p, generator)
@@ -316,14 +342,15 @@ class KVBatch:
                 break
             # feed the tokens of rows still going; finished rows get a padding hole
             step_ids = torch.where(active, tokens, torch.full_like(tokens, self.pad_id))[:, None]
-            self.kv_slots_read += n_rows * (self.mask.shape[1] + 1)
-            next_logits = self._forward(step_ids, active.long()[:, None])[:, -1]
+            next_logits = self._step(step_ids, active)
             fed += active.long()
             self.decode_steps += 1
         token_rows, logprob_rows, fed = token_buf.tolist(), logprob_buf.tolist(), fed.tolist()
         self.decode_s += self._clock() - t1
         out = {}
-        for i, k in enumerate(self.keys):
+        for i, k in enumerate(rows):
+            if k is None:
+                continue
             n = sum(t >= 0 for t in token_rows[i])
             # every sampled token but the last was fed; the last is prefilled with the row's next delta
             self.n_cached[k] += fed[i]
@@ -331,6 +358,213 @@ class KVBatch:
             self.generated_tokens += n
             out[k] = (token_rows[i][:n], logprob_rows[i][:n])
         return out
+
+
+def row_bucket(n):
+    """The physical rows a static batch of `n` dialogues gets: the first of 1, 2, 3, 4, 6, 8, 12, 16, 24,
+    ... (powers of two and 1.5x powers of two) that holds them, so a batch that shrinks as calls end
+    changes shape -- and recompiles -- only O(log n) times, wasting at most a third of a step on rows no
+    dialogue owns."""
+    return next(b for k in itertools.count() for b in (2 ** k, 3 * 2 ** k // 2) if b >= n)
+
+
+def _step_eager(model, cache, ids, mask, positions):
+    """One decode step over static shapes: ids (R, 1), mask (R, capacity), positions (R, 1) -> (R, V)."""
+    return model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                 use_cache=True, logits_to_keep=1).logits[:, -1]
+
+
+def _compiled_step(device):
+    """`_step_eager` compiled once per shape (and per adapter view): CUDA graphs on CUDA
+    (`reduce-overhead`: one graph replay instead of hundreds of kernel launches), inductor's fused
+    kernels on the CPU. One per device, so every batch shares its graphs."""
+    key = str(device)
+    if key not in _STEPS:
+        # one graph per (row bucket, capacity, view): up to ~2 x 12 for a wave of 64 calls ending one by
+        # one, past dynamo's default of 8 graphs per function (after which it would run eagerly)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        mode = "reduce-overhead" if torch.device(device).type == "cuda" else None
+        _STEPS[key] = torch.compile(_step_eager, mode=mode, dynamic=False)
+    return _STEPS[key]
+
+
+_STEPS = {}
+
+
+class StaticKVBatch(KVBatch):
+    """KVBatch with a fixed-capacity cache and a compiled decode step (`rollout.compile: on`).
+
+    Why: an eager decode step of a small model on a GPU costs its kernel launches (~24 ms measured on an
+    H100 at any batch size), not its arithmetic. Capturing the step once as a CUDA graph needs every
+    tensor it touches to keep its shape and address from step to step -- and KVBatch's cache grows by a
+    slot each step. So here:
+
+    * every layer's keys/values live in one buffer of `capacity` slots (transformers' `StaticLayer`):
+      a step writes its slot in place (`index_copy_` at the cache's length, a device tensor), and the
+      attention reads all `capacity` slots, the unused ones hidden by the (R, capacity) mask. Holes,
+      positions and compaction mean exactly what they mean in KVBatch.
+    * rows are bucketed (`row_bucket`): a dialogue that ends leaves its row to nobody (its key becomes
+      None, its tokens a hole) until the live rows fit a smaller bucket, when the rows are gathered
+      into a smaller buffer (a new shape: one more compile, O(log rows) in all).
+    * the first prefill of a wave runs on KVBatch's growing cache (shared prefixes and all) and is then
+      copied into the fixed buffers; later prefills (each turn's deltas, varying widths) run eagerly on
+      the fixed buffers. Only the one-token step is compiled (`_compiled_step`).
+
+    `capacity` fixes the slots per row for the whole wave (on CUDA: `max_context` + a turn, one shape);
+    None grows them in blocks of 256 as needed (the CPU, where memory is scarcer than compiles), each
+    block a new shape. `compile=False` runs the same static layout eagerly (the tests compare the two).
+    """
+
+    BLOCK = 256
+
+    def __init__(self, model, pad_id, adapter=True, share_prefix=True, capacity=None, compile=True):
+        super().__init__(model, pad_id, adapter, share_prefix)
+        self.capacity, self.compile = capacity, compile
+        self.static = False         # True once the cache is the fixed-capacity one
+        self.phys = []              # the physical rows: a key, or None for a row no dialogue owns
+        self.used = 0               # slots written so far (the same for every row)
+
+    # -- rows ------------------------------------------------------------------------------------
+    def _rows(self):
+        return self.phys if self.static else self.keys
+
+    def _row(self, key):
+        return self._rows().index(key)
+
+    def add(self, key, ids):
+        if not self.static:
+            return super().add(key, ids)
+        self.keys.append(key)
+        self.rows[key], self.n_cached[key] = list(ids), 0
+        if None not in self.phys:             # no free row: grow to the next bucket
+            self._regroup(self.phys + [None] * (row_bucket(len(self.phys) + 1) - len(self.phys)))
+        row = self.phys.index(None)
+        self.phys[row] = key
+        self.mask[row] = 0
+
+    def drop(self, keys):
+        if not self.static:
+            return super().drop(keys)
+        keys = set(keys)
+        for k in keys:
+            del self.rows[k], self.n_cached[k]
+            row = self.phys.index(k)
+            self.phys[row] = None
+            self.mask[row] = 0
+            self.mask[row, 0] = 1     # one visible slot: a row attending to nothing would give NaNs
+        self.keys = [k for k in self.keys if k not in keys]
+        if not self.keys:
+            self.cache = self.mask = None
+            self.static, self.phys, self.used = False, [], 0
+        elif row_bucket(len(self.keys)) < len(self.phys):
+            live = [k for k in self.phys if k is not None]
+            self._regroup(live + [None] * (row_bucket(len(live)) - len(live)))
+
+    def _regroup(self, new_phys):
+        """Rebuild the buffers with rows `new_phys` (keys or None) in that order: a new shape."""
+        old = {k: i for i, k in enumerate(self.phys) if k is not None}
+        src = [old.get(k, 0) for k in new_phys]
+        fresh = [k is None or k not in old for k in new_phys]
+        index = torch.tensor(src, dtype=torch.long, device=self.mask.device)
+        self.mask = self.mask.index_select(0, index)
+        for i, f in enumerate(fresh):
+            if f:
+                self.mask[i] = 0
+                self.mask[i, 0] = 1
+        self._allocate(len(new_phys), self.mask.shape[1], lambda t: t.index_select(0, index))
+        self.phys = list(new_phys)
+
+    # -- slots -----------------------------------------------------------------------------------
+    def _allocate(self, n_rows, capacity, rows_of=lambda t: t):
+        """New fixed buffers of (n_rows, heads, capacity, head_dim) per layer holding `rows_of` of the
+        used slots of the current ones."""
+        from transformers.cache_utils import Cache, StaticLayer
+        old = self.cache.layers
+        cache = Cache(layers=[StaticLayer(max_cache_len=capacity) for _ in old])
+        for layer, o in zip(cache.layers, old):
+            k, v = rows_of(o.keys[:, :, :self.used]), rows_of(o.values[:, :, :self.used])
+            shape = (n_rows, k.shape[1], capacity, k.shape[3])
+            layer.lazy_initialization(k.new_zeros(shape), v.new_zeros(shape[:3] + (v.shape[3],)))
+            layer.keys[:, :, :self.used] = k
+            layer.values[:, :, :self.used] = v
+            layer.cumulative_length.fill_(self.used)
+        self.cache = cache
+        if self.mask.shape[1] != capacity:
+            grown = self.mask.new_zeros(n_rows, capacity)
+            grown[:, :min(capacity, self.mask.shape[1])] = self.mask[:, :capacity]
+            self.mask = grown
+
+    def _make_static(self):
+        """KVBatch's growing cache (used slots only) -> fixed buffers for bucketed rows. Returns the
+        source row of each physical row (the spare ones copy row 0 and are masked)."""
+        self.used = self.mask.shape[1]
+        self.mask = self.mask.clone()
+        n = len(self.keys)
+        R = row_bucket(n)
+        pad = torch.tensor(list(range(n)) + [0] * (R - n), dtype=torch.long, device=self.mask.device)
+        self.mask = self.mask.index_select(0, pad)
+        self.mask[n:] = 0
+        if R > n:
+            self.mask[n:, 0] = 1
+        self._allocate(R, self._capacity_for(self.used), lambda t: t.index_select(0, pad))
+        self.phys = list(self.keys) + [None] * (R - n)
+        self.static = True
+        return pad
+
+    def _capacity_for(self, slots):
+        need = slots + getattr(self, "_reserve", 0)
+        if self.capacity and need <= self.capacity:
+            return self.capacity
+        return -(-need // self.BLOCK) * self.BLOCK
+
+    def _compact(self):
+        if not self.static:
+            return super()._compact()
+        mask = self.mask[:, :self.used]
+        counts = mask.sum(1)
+        length = int(counts.max())
+        if length == self.used:
+            return
+        order = torch.sort(mask, dim=1, stable=True).indices[:, -length:]    # real slots last
+        index = order[:, None, :, None]
+        for layer in self.cache.layers:
+            for buf in (layer.keys, layer.values):
+                buf[:, :, :length] = buf[:, :, :self.used].gather(2, index.expand(-1, buf.shape[1], -1, buf.shape[3]))
+            layer.cumulative_length.fill_(length)
+        self.mask[:, :length] = mask.gather(1, order)
+        self.mask[:, length:] = 0
+        self.used = length
+
+    # -- forward passes --------------------------------------------------------------------------
+    def _prefill(self, device):
+        if self.static:
+            return super()._prefill(device)
+        logits = super()._prefill(device)        # a wave's first: on KVBatch's growing cache, prefixes shared
+        return logits.index_select(0, self._make_static())      # + the rows no dialogue owns yet
+
+    def _forward(self, input_ids, new_mask, keep=None):
+        if not self.static:
+            return super()._forward(input_ids, new_mask, keep)
+        n = input_ids.shape[1]
+        if self.used + n + self._reserve > self.mask.shape[1]:
+            self._allocate(len(self.phys), self._capacity_for(self.used + n))
+        past_real = self.mask[:, :self.used].sum(1, keepdim=True)
+        positions = (past_real + new_mask.cumsum(1) - 1).clamp(min=0)
+        self.mask[:, self.used:self.used + n] = new_mask
+        out = self.model(input_ids=input_ids, attention_mask=self.mask, position_ids=positions,
+                         past_key_values=self.cache, use_cache=True, logits_to_keep=0 if keep is None else keep)
+        self.used += n
+        return out.logits
+
+    def _step(self, step_ids, active):
+        self.kv_slots_read += self.mask.numel()
+        self.mask[:, self.used] = active.long()
+        positions = (self.mask.sum(1, keepdim=True) - 1).clamp(min=0)
+        step = _compiled_step(step_ids.device) if self.compile else _step_eager
+        logits = step(self.model, self.cache, step_ids, self.mask, positions)
+        self.used += 1
+        return logits.clone()      # a CUDA graph's output is overwritten by its next replay
+
 
 
 # =============================================================================================
@@ -476,24 +710,55 @@ def callee_cut(tokenizer, tokens, persona):
     return keep
 
 
-def wave_rows(model, rollout_cfg):
-    """How many dialogues advance together: `rollout.wave_rows`, or 0 = all of them on the CPU and, on
-    CUDA, as many as half the free memory holds at `max_context` tokens in two KV caches each (the
-    policy's and the simulator's view)."""
-    if rollout_cfg["wave_rows"] > 0:
-        return rollout_cfg["wave_rows"]
-    device = next(model.parameters()).device
-    if device.type != "cuda":
-        return 10 ** 9
+def free_memory(device):
+    """Bytes free for new tensors on `device`: CUDA's free memory, or the host's MemAvailable."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def kv_bytes_per_row(model, max_context):
+    """KV-cache bytes one dialogue can reach: keys and values of every layer at `max_context` slots, in
+    the model's own dtype (4 bytes a value in float32, 2 in bfloat16)."""
     text = model.config.get_text_config()
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-    per_row = 2 * 2 * text.num_hidden_layers * kv_heads * head_dim * rollout_cfg["max_context"] * 2   # bf16, 2 views
-    return max(1, int(0.5 * torch.cuda.mem_get_info(device)[0] / per_row))
+    dtype = getattr(model, "dtype", None) or next(model.parameters()).dtype
+    if not dtype.is_floating_point:          # quantised weights: the cache holds the compute dtype
+        dtype = getattr(text, "torch_dtype", None) or torch.bfloat16
+    return 2 * text.num_hidden_layers * kv_heads * head_dim * max_context * torch.finfo(dtype).bits // 8
+
+
+def wave_rows(model, rollout_cfg):
+    """How many dialogues advance together: `rollout.wave_rows`, or 0 = as many as half the free memory
+    holds (`free_memory`, on the CPU too) at `max_context` tokens in two KV caches each (the policy's and
+    the simulator's view) -- a bound, since most calls end well short of `max_context`."""
+    if rollout_cfg["wave_rows"] > 0:
+        return rollout_cfg["wave_rows"]
+    device = next(model.parameters()).device
+    per_row = 2 * kv_bytes_per_row(model, rollout_cfg["max_context"])
+    return max(1, int(0.5 * free_memory(device) / per_row))
+
+
+def decoder_for(model, rollout_cfg):
+    """The decoding engine `rollout.compile` asks for: KVBatch (off), or StaticKVBatch with its compiled
+    step (on; auto = on where it measures faster, CUDA). On CUDA the static cache holds a whole call
+    (`max_context` plus a turn) from the start, so each wave compiles once per row bucket."""
+    device = next(model.parameters()).device
+    choice = rollout_cfg.get("compile", "off")
+    if choice == "off" or (choice == "auto" and device.type != "cuda"):
+        return KVBatch
+    capacity = rollout_cfg["max_context"] + rollout_cfg["max_new_tokens"] if device.type == "cuda" else None
+    return functools.partial(StaticKVBatch, capacity=capacity)
 
 
 def run(model, tokenizer, simulator, persona_list, rollout_cfg, group_size=1, seed=0, progress=False,
-        decoder=KVBatch, privileged=None, teacher_placement=None, note="concerns"):
+        decoder=None, privileged=None, teacher_placement=None, note="concerns"):
     """G = group_size dialogues per persona. Returns [Trajectory], grouped by persona (group id =
     persona index). Dialogues advance together in waves of at most `wave_rows(...)` (whole persona
     groups; on the CPU one wave), which bounds the KV-cache memory of a large step. `decoder` is
@@ -504,6 +769,7 @@ def run(model, tokenizer, simulator, persona_list, rollout_cfg, group_size=1, se
     `rollout.max_context` bound that longer view too; `note` is the note's style (`aopsd.note`).
     `progress` (True or a label) shows a bar on stderr (`_progress`)."""
     per_wave = max(1, wave_rows(model, rollout_cfg) // group_size)
+    decoder = decoder or decoder_for(model, rollout_cfg)
     generator = device_generator(seed, model)
     bar = _progress(progress, len(persona_list) * group_size * simulator.cfg["max_turns"])
     trajs = []

@@ -186,7 +186,8 @@ class Trainer:
         self.sim_tokenizer, self.sim_model = self.tokenizer, self.model   # same base, adapter disabled
         if cfg["simulator"]["model"]:
             self.sim_tokenizer, self.sim_model = lm.load_model({**cfg["model"], "name_or_path": cfg["simulator"]["model"], "warm_start": ""})
-        self.simulator = S.CognitiveUserSimulator(cfg["simulator"], self.sim_model, self.sim_tokenizer, seed=cfg["seed"])
+        self.simulator = S.CognitiveUserSimulator(cfg["simulator"], self.sim_model, self.sim_tokenizer, seed=cfg["seed"],
+                                                  decoder=rollout.decoder_for(self.sim_model, cfg["rollout"]))
         self.train_personas = [p for k in range(t["steps"]) for p in self.personas_for(k)]
         pc = cfg["personas"]
         self.eval_personas = P.sample_many(pc["domains"], pc["eval_n"], pc["eval_seed"],

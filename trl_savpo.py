@@ -263,7 +263,8 @@ def build_trainer(cfg):
     sim_tokenizer, sim_model = tokenizer, model                # same base, adapter disabled
     if cfg["simulator"]["model"]:
         sim_tokenizer, sim_model = lm.load_model({**cfg["model"], "name_or_path": cfg["simulator"]["model"], "warm_start": ""})
-    simulator = S.CognitiveUserSimulator(cfg["simulator"], sim_model, sim_tokenizer, seed=cfg["seed"])
+    simulator = S.CognitiveUserSimulator(cfg["simulator"], sim_model, sim_tokenizer, seed=cfg["seed"],
+                                         decoder=rollout.decoder_for(sim_model, cfg["rollout"]))
     dataset, personas_by_id = persona_dataset(cfg)
     trainer = _trainer_class()(cfg, model, tokenizer, args, dataset, make_rollout_func(cfg, personas_by_id, simulator))
     trainer.simulator = simulator
