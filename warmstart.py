@@ -106,7 +106,7 @@ def sequences(cfg, tokenizer, calls):
 
 def train(cfg, log=print):
     """The supervised stage: expert calls -> sequences -> LoRA cross-entropy on the agent's tokens.
-    Writes OUT/adapter (PEFT), OUT/calls.jsonl (the expert's calls), OUT/metrics.jsonl, OUT/config.yaml."""
+    Writes OUT/adapter (PEFT; OUT/epochN after each epoch), OUT/calls.jsonl (the expert's calls), OUT/metrics.jsonl, OUT/config.yaml."""
     w = cfg["warmstart"]
     torch.manual_seed(cfg["seed"])
     tokenizer, base = lm.load_model({**cfg["model"], "warm_start": ""})
@@ -156,6 +156,7 @@ def train(cfg, log=print):
         with open(metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
         log(f"epoch {epoch + 1}: cross-entropy {record['loss']:.3f} over {tokens} agent tokens")
+        model.save_pretrained(os.path.join(w["out_dir"], f"epoch{epoch + 1}"))   # a long stage keeps what it has done
     model.save_pretrained(os.path.join(w["out_dir"], "adapter"))
     return os.path.join(w["out_dir"], "adapter")
 
