@@ -711,15 +711,18 @@ def callee_cut(tokenizer, tokens, persona):
 
 
 def free_memory(device):
-    """Bytes free for new tensors on `device`: CUDA's free memory, or the host's MemAvailable."""
+    """Bytes the rollout may fill on `device`: the GPU's memory less what this process holds (its
+    weights), or the host's total memory. Deliberately not what happens to be free right now: the wave
+    size decides which dialogues share a sampling stream, so it must not change with what other jobs
+    use, or the same seed would sample other dialogues from run to run."""
     device = torch.device(device)
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+        return torch.cuda.get_device_properties(device).total_memory - torch.cuda.memory_allocated(device)
     try:
         with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemTotal:"))
     except (OSError, StopIteration):
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def kv_bytes_per_row(model, max_context):
@@ -735,9 +738,10 @@ def kv_bytes_per_row(model, max_context):
 
 
 def wave_rows(model, rollout_cfg):
-    """How many dialogues advance together: `rollout.wave_rows`, or 0 = as many as half the free memory
-    holds (`free_memory`, on the CPU too) at `max_context` tokens in two KV caches each (the policy's and
-    the simulator's view) -- a bound, since most calls end well short of `max_context`."""
+    """How many dialogues advance together: `rollout.wave_rows`, or 0 = as many as half the memory holds
+    (`free_memory`, on the CPU too) at `max_context` tokens in two KV caches each (the policy's and the
+    simulator's view) -- a bound, since most calls end well short of `max_context`. Sampled dialogues
+    depend on it (greedy ones do not: tested); set it to compare runs across machines."""
     if rollout_cfg["wave_rows"] > 0:
         return rollout_cfg["wave_rows"]
     device = next(model.parameters()).device

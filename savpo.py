@@ -499,7 +499,10 @@ def main(argv=None):
     if flags.get("compare"):   # eval.py's comparison of every preset, trained by this file's Trainer
         args = list(sys.argv[1:] if argv is None else argv)
         if cfg["model"]["warm_start"] == "auto":     # every preset starts from the same warm start
-            args.append(f"model.warm_start={warmstart.resolve(cfg)['model']['warm_start']}")
+            try:
+                args.append(f"model.warm_start={warmstart.resolve(cfg)['model']['warm_start']}")
+            except config.ConfigError as e:
+                raise SystemExit(str(e))
         return evaluation.compare_main(args, lambda c, resume: Trainer(c, resume).train())
     if flags.get("resume"):
         saved = os.path.join(cfg["out_dir"], "config.yaml")
@@ -512,7 +515,7 @@ def main(argv=None):
     try:
         cfg = warmstart.resolve(cfg)
         trainer = Trainer(cfg, resume=bool(flags.get("resume")))
-    except (lm.ModelError, P.DomainError, checkpoint.CheckpointError) as e:
+    except (config.ConfigError, lm.ModelError, P.DomainError, checkpoint.CheckpointError) as e:
         raise SystemExit(str(e))
     print(f"{cfg['algo']}: {len(trainer.train_personas)} training personas, {len(trainer.eval_personas)} held out; "
           f"{sum(p.numel() for p in trainer.params):,} trainable LoRA parameters; writing to {cfg['out_dir']}")

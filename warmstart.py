@@ -1,7 +1,7 @@
 """Warm start: a short supervised stage on expert calls, so a small policy can hold a call and read the
 privileged note before reinforcement learning starts.
 
-    python warmstart.py                                   # -> runs/warmstart/adapter, ~20 min on 2 CPU cores
+    python warmstart.py                                   # -> runs/warmstart/adapter, ~45 min on 2 CPU cores
     python savpo.py model.warm_start=runs/warmstart/adapter        # every method then starts from it
     python eval.py --pilot model.warm_start=runs/warmstart/adapter # the premise: does the note help now?
 
@@ -170,7 +170,19 @@ def resolve(cfg):
     if not os.path.exists(os.path.join(path, "adapter_config.json")):
         print(f"model.warm_start=auto: no adapter in {path} yet; training it (warmstart.py)", flush=True)
         train({**cfg, "model": {**cfg["model"], "warm_start": ""}})
+    else:   # one made for another model or note would start this run from the wrong place, silently
+        made = config.load(os.path.join(cfg["warmstart"]["out_dir"], "config.yaml"))
+        for key in MUST_MATCH:
+            if config.get(made, key) != config.get(cfg, key):
+                raise config.ConfigError(
+                    f"model.warm_start=auto: the adapter in {path} was trained with {key}={config.get(made, key)}, "
+                    f"this run has {config.get(cfg, key)}; set warmstart.out_dir to another folder (or delete that one).")
     return {**cfg, "model": {**cfg["model"], "warm_start": path}}
+
+
+# what a warm start depends on: a run with other values needs its own (model.warm_start=auto checks)
+MUST_MATCH = ("model.name_or_path", "aopsd.note", "aopsd.placement", "warmstart.views", "warmstart.calls",
+              "warmstart.seed", "warmstart.epochs", "lora.r")
 
 
 def main(argv=None):

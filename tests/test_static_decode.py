@@ -134,17 +134,19 @@ def test_compile_setting_picks_the_engine(cfg, tokenizer):
     assert on.func is rollout.StaticKVBatch and on.keywords["capacity"] is None         # grows on the CPU
 
 
-def test_waves_are_sized_from_free_memory_in_the_real_dtype(cfg, tokenizer, monkeypatch):
+def test_waves_are_sized_from_the_devices_memory_in_the_real_dtype(cfg, tokenizer, monkeypatch):
     model = make_tiny_model(tokenizer)
     fp32 = rollout.kv_bytes_per_row(model, 1000)
     text = model.config
     assert fp32 == 2 * text.num_hidden_layers * text.num_key_value_heads * (text.hidden_size // text.num_attention_heads) * 1000 * 4
     assert rollout.kv_bytes_per_row(model.to(torch.bfloat16), 1000) * 2 == fp32
     model.float()
+    before = rollout.free_memory("cpu")
+    ballast = torch.ones(50_000_000)             # 200 MB in use by now: what is free changes, the wave must not
+    assert rollout.free_memory("cpu") == before > ballast.numel()
     monkeypatch.setattr(rollout, "free_memory", lambda device: 40 * fp32)
     assert rollout.wave_rows(model, {**cfg["rollout"], "wave_rows": 0, "max_context": 1000}) == 10
     assert rollout.wave_rows(model, {**cfg["rollout"], "wave_rows": 7}) == 7
-    assert rollout.free_memory("cpu") > 0
 
 
 def test_the_gpu_check_runs_every_step_and_writes_one_json(tmp_path):

@@ -151,3 +151,17 @@ def test_auto_warm_start_trains_once_and_its_runs_are_evaluated_on_it(tiny_dir, 
             "simulator.max_turns=1"])
     assert f"model.warm_start={path}" in capsys.readouterr().err
     assert config.load(str(tmp_path / "ev" / "config.yaml"))["model"]["warm_start"] == path
+
+
+def test_the_long_cpu_preset_warm_starts_with_the_guide_note_and_refuses_a_mismatched_adapter(tiny_dir, tmp_path):
+    """presets/cpu_long.yaml loads over config.yaml (a partial file), asks for an auto warm start with the
+    guide note; an adapter trained for another note is refused by name instead of silently reused."""
+    cfg = config.load("presets/cpu_long.yaml")
+    assert cfg["model"]["warm_start"] == "auto" and cfg["aopsd"]["note"] == "guide"
+    assert cfg["warmstart"]["out_dir"] != config.load()["warmstart"]["out_dir"]       # its own warm start
+    assert cfg["train"]["steps"] > config.load()["train"]["steps"] and cfg["out_dir"] == "runs/cpu_long"
+    common = [f"model.name_or_path={tiny_dir}", f"warmstart.out_dir={tmp_path / 'ws'}", "warmstart.calls=2",
+              "warmstart.epochs=1", "simulator.appraiser=lexical", "model.warm_start=auto"]
+    W.resolve(config.load("presets/cpu_long.yaml", [*common, "aopsd.note=concerns"]))
+    with pytest.raises(config.ConfigError, match="aopsd.note=concerns"):
+        W.resolve(config.load("presets/cpu_long.yaml", common))
