@@ -204,7 +204,7 @@ def run_one(args, method, tokenizer, model):
         name = torch.cuda.get_device_name()
         peak = next((bw for key, bw in PEAK_BANDWIDTH.items() if key in name), None)
         if peak and decode_s > 0:   # decode MBU: bytes a decode step must read (weights + KV) / decode time
-            moved = result["decode_steps"] * weight_bytes(model) + sum(d.kv_slots_read for d in made) * kv_bytes_per_slot(model)
+            moved = result["decode_steps"] * weight_bytes(model) + sum(d.kv_slots_read for d in made) * rollout.kv_bytes_per_row(model, 1)
             result["decode_mbu"] = round(moved / decode_s / peak, 3)
         result["device"] = name
     else:
@@ -216,14 +216,6 @@ def run_one(args, method, tokenizer, model):
 def weight_bytes(model):
     """Bytes of the weights one forward reads (4-bit parameters count their packed size)."""
     return sum(p.numel() * p.element_size() for p in model.parameters())
-
-
-def kv_bytes_per_slot(model):
-    """Bytes of keys + values one cache slot holds over all layers (one token of one row)."""
-    text = model.config.get_text_config()
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-    return 2 * text.num_hidden_layers * kv_heads * head_dim * next(model.parameters()).element_size()
 
 
 def write_model(arch, path):

@@ -423,6 +423,7 @@ class StaticKVBatch(KVBatch):
         self.static = False         # True once the cache is the fixed-capacity one
         self.phys = []              # the physical rows: a key, or None for a row no dialogue owns
         self.used = 0               # slots written so far (the same for every row)
+        self._reserve = 0           # slots the running generate may still append (set by KVBatch._generate)
 
     # -- rows ------------------------------------------------------------------------------------
     def _rows(self):
@@ -460,8 +461,10 @@ class StaticKVBatch(KVBatch):
             live = [k for k in self.phys if k is not None]
             self._regroup(live + [None] * (row_bucket(len(live)) - len(live)))
 
-    def _regroup(self, new_phys):
-        """Rebuild the buffers with rows `new_phys` (keys or None) in that order: a new shape."""
+    def _regroup(self, new_phys, capacity=None):
+        """Rebuild the buffers with rows `new_phys` (keys or None) in that order and `capacity` slots
+        (default: as now): a new shape. Rows no dialogue owns copy row 0 and see one slot of it. Returns
+        the source row of each new row."""
         old = {k: i for i, k in enumerate(self.phys) if k is not None}
         src = [old.get(k, 0) for k in new_phys]
         fresh = [k is None or k not in old for k in new_phys]
@@ -471,8 +474,9 @@ class StaticKVBatch(KVBatch):
             if f:
                 self.mask[i] = 0
                 self.mask[i, 0] = 1
-        self._allocate(len(new_phys), self.mask.shape[1], lambda t: t.index_select(0, index))
+        self._allocate(len(new_phys), capacity or self.mask.shape[1], lambda t: t.index_select(0, index))
         self.phys = list(new_phys)
+        return index
 
     # -- slots -----------------------------------------------------------------------------------
     def _allocate(self, n_rows, capacity, rows_of=lambda t: t):
@@ -498,21 +502,14 @@ class StaticKVBatch(KVBatch):
         """KVBatch's growing cache (used slots only) -> fixed buffers for bucketed rows. Returns the
         source row of each physical row (the spare ones copy row 0 and are masked)."""
         self.used = self.mask.shape[1]
-        self.mask = self.mask.clone()
-        n = len(self.keys)
-        R = row_bucket(n)
-        pad = torch.tensor(list(range(n)) + [0] * (R - n), dtype=torch.long, device=self.mask.device)
-        self.mask = self.mask.index_select(0, pad)
-        self.mask[n:] = 0
-        if R > n:
-            self.mask[n:, 0] = 1
-        self._allocate(R, self._capacity_for(self.used), lambda t: t.index_select(0, pad))
-        self.phys = list(self.keys) + [None] * (R - n)
+        self.phys = list(self.keys)
+        index = self._regroup(self.phys + [None] * (row_bucket(len(self.phys)) - len(self.phys)),
+                              self._capacity_for(self.used))
         self.static = True
-        return pad
+        return index
 
     def _capacity_for(self, slots):
-        need = slots + getattr(self, "_reserve", 0)
+        need = slots + self._reserve
         if self.capacity and need <= self.capacity:
             return self.capacity
         return -(-need // self.BLOCK) * self.BLOCK

@@ -161,6 +161,11 @@ def train(cfg, log=print):
     return os.path.join(w["out_dir"], "adapter")
 
 
+# what a warm start depends on: a run with other values needs its own (model.warm_start=auto checks)
+MUST_MATCH = ("model.name_or_path", "aopsd.note", "aopsd.placement", "warmstart.views", "warmstart.calls",
+              "warmstart.seed", "warmstart.epochs", "lora.r")
+
+
 def resolve(cfg):
     """model.warm_start=auto: the adapter in warmstart.out_dir, trained first (warmstart.py) if it is not
     there yet; the run's saved config then names the folder, so eval.py plays its adapters on that base."""
@@ -179,10 +184,6 @@ def resolve(cfg):
                     f"this run has {config.get(cfg, key)}; set warmstart.out_dir to another folder (or delete that one).")
     return {**cfg, "model": {**cfg["model"], "warm_start": path}}
 
-
-# what a warm start depends on: a run with other values needs its own (model.warm_start=auto checks)
-MUST_MATCH = ("model.name_or_path", "aopsd.note", "aopsd.placement", "warmstart.views", "warmstart.calls",
-              "warmstart.seed", "warmstart.epochs", "lora.r")
 
 
 def main(argv=None):
