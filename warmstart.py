@@ -1,7 +1,7 @@
 """Warm start: a short supervised stage on expert calls, so a small policy can hold a call and read the
 privileged note before reinforcement learning starts.
 
-    python warmstart.py                                   # -> runs/warmstart/adapter, ~45 min on 2 CPU cores
+    python warmstart.py                                   # -> runs/warmstart/adapter, ~31 min on 2 CPU cores
     python savpo.py model.warm_start=runs/warmstart/adapter        # every method then starts from it
     python eval.py --pilot model.warm_start=runs/warmstart/adapter # the premise: does the note help now?
 
