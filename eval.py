@@ -1,7 +1,7 @@
 """Evaluate policies against the Cognitive User Simulator on held-out personas.
 
     python eval.py                                             # the base model
-    python eval.py --adapter runs/default/checkpoints/step_000008/adapter
+    python eval.py --adapter runs/default/checkpoints/step_000007/adapter
     python eval.py --pilot --adapter RUN_A/.../adapter --adapter RUN_B/.../adapter
     python eval.py --appraiser llm                             # cross-simulator: another appraiser
     python eval.py --simulator-model PATH_OR_ID                # cross-simulator: another simulator model
