@@ -30,7 +30,8 @@ question ("how do you ...", "would ...") or is an invitation ("tell me ...", "I'
                `push_examples` and `vague_examples`: a question probes the concern(s) its embedding is
                closest to (above `SEMANTIC["probe"]`); a statement addresses a concern when it is
                close to that concern's concrete answers and closer to them than to any vague
-               reassurance; lexical cue hits are added (cue words are precise). ~10 ms per turn.
+               reassurance, or states a resolve cue or true figure of a concern it is about (names or
+               resembles; a bare reply: the worry just voiced). ~10 ms per turn.
   llm       -- yes/no questions to the simulator model ("Does the salesperson ask the customer about
                X?", "Does the salesperson answer the customer's worry about X with a concrete
                fact?"), decided by calibrated log-odds; asked for the persona's own concerns only,
@@ -118,6 +119,16 @@ def sentences(text):
                          r"would|will|are|is|do|does|should|may|how|what|why|when)\b)", sentence)
         units += [p.strip() for p in parts if p and p.strip()]
     return units
+
+
+BARE_REPLY_WORDS = 5
+
+
+def bare_reply(sentence):
+    """A reply that is little more than a figure ("It's fifteen per cent.", "Weekly, every Monday."): at most
+    `BARE_REPLY_WORDS` words, so it can only be about the worry the callee just voiced. A longer sentence
+    that names no concern is about whatever else it says."""
+    return len(re.findall(r"[\w$%£€'.]+", sentence)) <= BARE_REPLY_WORDS
 
 
 def is_question(sentence):
@@ -491,7 +502,9 @@ def lexical_appraise(agent_text, domain, rules, voiced=()):
     """Cue matching (lowercase, word boundaries) against the domain bank, sentence by sentence. A statement
     is checked against the facts of the concerns whose cues it holds (of the concerns the callee has voiced,
     `voiced`, if it holds none); it addresses a concern whose resolve cue it holds, or a voiced concern whose
-    fact it states (a true figure or condition), unless it makes a false claim."""
+    fact it states (a true figure or condition) if it names it or is a `bare_reply`, unless it makes a false
+    claim. Cue words cannot tell what a sentence is about: "Every week brings you to another app." holds a
+    resolve cue of the payout worry and addresses it here (the semantic appraiser reads it as about apps)."""
     bank, book = P.load_bank(domain), truth_book(domain)
     out = empty_appraisal(agent_text, rules)
     on_topic = False
@@ -507,7 +520,9 @@ def lexical_appraise(agent_text, domain, rules, voiced=()):
         else:   # checked against the concerns it names (fact or topic words), else what the callee voiced
             false, verified = check_claims(sentence, (answers | topics) or set(voiced), book)
             out["false_claims"] |= false
-            out["addressed"] |= answers | (verified & set(voiced))
+            # naming no concern, a true figure answers the voiced worry only as a bare reply
+            heard = verified & set(voiced) if (answers | topics or bare_reply(sentence)) else set()
+            out["addressed"] |= answers | heard
         if (_has(low, bank["push_cues"]) or DECISION_ASK.search(sentence)) and \
                 (question or IMPERATIVE_PUSH.search(sentence.strip())):
             out["push"] = True
@@ -580,10 +595,13 @@ class SemanticAppraiser:
                    >= SEMANTIC["answer"] if it beats every vague reassurance and is *concrete*: it states a
                    true figure or condition of that concern or holds one of its resolve cues, or is very
                    close (>= SEMANTIC["answer_strong"]); and it addresses a voiced concern whose fact it
-                   states (listening: "It's fifteen per cent." right after "What's your commission?").
+                   states (listening: "It's fifteen per cent." right after "What's your commission?"). A fact
+                   (a resolve cue or such a true figure) counts only for a concern the sentence is *about*
+                   (names by a topic word or resembles), or in a `bare_reply` for the voiced worry:
+                   "Every week brings you to another app." holds the payout fact's words and answers nothing.
     A statement with a false claim addresses nothing. A question probes the concern its topic words name
     (of two, the one whose topic it is closer to), else the one it is closest to; a question naming more
-    than `max_topics` concerns by their topic words asks about each: a checklist. Lexical resolve-cue and push-cue hits are added."""
+    than `max_topics` concerns by their topic words asks about each: a checklist. Lexical push-cue hits are added."""
 
     def __init__(self, rules, thresholds=None):
         self.rules, self.t = rules, {**SEMANTIC, **(thresholds or {})}
@@ -657,7 +675,13 @@ class SemanticAppraiser:
             if best_answer >= t["answer"] and best_answer > vague + t["vague_margin"] and \
                     (concrete or best_answer >= t["answer_strong"]):
                 result["addressed"].add(ids[c])
-            result["addressed"] |= verified & set(voiced)
+            # a fact (a resolve cue, or a true figure of a worry the callee voiced: listening) answers a
+            # concern the sentence is about: one it names by a topic word or resembles, or in a bare reply
+            # ("It's fifteen per cent.") the voiced worry. "Every week brings you to another app." holds
+            # the payout fact's words but is about another app.
+            topical = {cid for cid, cues in zip(ids, bank["probe_cues"]) if _has(low, cues)} | resembles
+            stated = {cid for cid, cues in zip(ids, bank["resolve_cues"]) if _has(low, cues)} | (verified & set(voiced))
+            result["addressed"] |= stated & (topical or (set(voiced) if bare_reply(sentence) else set()))
             if push >= t["push"] and IMPERATIVE_PUSH.search(sentence):
                 result["push"] = True
         return max(best_probe, best_answer, open_, push)
@@ -672,8 +696,7 @@ class SemanticAppraiser:
         for text, domain, ss, heard in zip(agent_texts, domains, cut, voiced):
             lexical = lexical_appraise(text, domain, self.rules, heard)
             # the semantic reading decides what a statement is about, so the fact check is its own
-            result = {**lexical, **{key: set(lexical[key]) for key in ("addressed", "about")},
-                      "probed": set(), "false_claims": set()}
+            result = {**lexical, "about": set(lexical["about"]), "addressed": set(), "probed": set(), "false_claims": set()}
             bank, book = self._bank(domain), truth_book(domain)
             closest = 0.0
             for sentence in ss:

@@ -558,6 +558,22 @@ def echo(obs):
     return f"You said: {obs['last_user'].rstrip('.!?')}? {_push(obs['bank'])}"
 
 
+# a figure in the callee's own words: a frequency, a span of time, a percentage or an amount
+_CALLEE_FIGURE = re.compile(r"\b(every (?:single )?\w+|once an? \w+|(?:a|one|\d+) (?:day|week|month|year)s?|"
+                            r"\d+(?:\.\d+)? ?(?:%|percent|per cent)|[$£€]\d+(?:\.\d+)?)\b", re.I)
+
+
+def figure_echoer(obs):
+    """Knows nothing and answers nothing: asks an open question, and meets a voiced worry by putting the
+    figure the callee just said ("I pay my suppliers *every week*") into a sentence about something else
+    ("Every week brings you to another app."), then asks for the decision. Wins wherever a callee's own
+    figure happens to be the bank's true fact and a true figure alone resolves a worry."""
+    m = _CALLEE_FIGURE.search(obs["last_user"]) if obs["voiced"] else None
+    if m is None:
+        return _natural_turn(obs, [], [], push=True) if obs["heard_nothing"] else _next_open_probe(obs)
+    return f"{m.group(1)[0].upper()}{m.group(1)[1:]} brings you to another app. {_push(obs['bank'])}"
+
+
 # -- natural-speech agents: lines from data/natural_agents.yaml, written apart from the banks -----------
 
 def _natural_turn(obs, answers, probes, push):
@@ -651,6 +667,7 @@ SCRIPTED_AGENTS = {   # name -> (policy, knows the hidden concerns, asks questio
     "fact dumper": (fact_dumper, False, False),
     "listener + fact dump": (listener_dumper, False, True),
     "echo": (echo, False, False),
+    "figure echoer": (figure_echoer, False, True),
     "pusher": (pusher, False, False),
     "passive": (passive, False, False),
     "natural privileged": (natural_privileged, True, True),

@@ -352,11 +352,26 @@ def test_validity_matrix_knowing_the_concerns_wins_and_no_cheap_policy_does(vali
     for name, (_, knows, asks) in S.SCRIPTED_AGENTS.items():
         if not knows and not asks:                 # stuffers, dumpers, echo, pushers, passive
             assert rate[name] <= 0.15, name
-    for name in ("pusher", "passive", "keyword stuffer", "fact dumper", "topic lister", "listener + fact dump", "echo"):
+    for name in ("pusher", "passive", "keyword stuffer", "fact dumper", "topic lister", "listener + fact dump", "echo",
+                 "figure echoer"):
         assert rate[name] <= 0.05, name
     for row in validity.values():                  # and in every domain, not only on average
         assert all(0 <= v <= 1 for v in row.values())
     assert min(validity["privileged prober"][d] for d in validity["privileged prober"]) >= 0.75
+
+
+def test_echoing_the_callees_own_figure_resolves_nothing(cfg_module):
+    """The figure echoer puts the figure a callee just said ("I pay my suppliers every week") into a sentence
+    about something else ("Every week brings you to another app."). Where that figure is the bank's true
+    fact (weekly payouts) it used to resolve the worry: 7 of 90 merchant calls before the fix."""
+    calls = []
+    S.play_scripted(S.figure_echoer, P.sample("merchant_recruitment", 90, 0), cfg_module["simulator"], 0,
+                    transcripts=calls)
+    turns = [(m["content"], s) for call in calls
+             for m, s in zip([m for m in call["messages"] if m["role"] == "assistant"], call["states"])]
+    echoed = [s for text, s in turns if text.startswith("Every week brings") and "payout_cash_flow" in s["concern_status"]]
+    assert len(echoed) >= 5                                           # the exploit was tried where it paid
+    assert all(not s["events"]["resolved"] for _, s in turns)
 
 
 def test_semantic_appraiser_on_held_out_natural_lines(cfg_module):

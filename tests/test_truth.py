@@ -110,3 +110,26 @@ def test_false_claims_on_held_out_labelled_lines(cfg):
     assert sum(bool(it.get("false_claim")) for it in items) >= 60
     s = A.scores(items, A.appraise_items("semantic", items, cfg["simulator"]["rules"]))["false_claim"]
     assert s["precision"] >= 0.85 and s["recall"] >= 0.7
+
+
+@pytest.mark.parametrize("sentence, answers", [
+    ("Every week brings you to another app.", False),       # the payout fact's words, about another app
+    ("Every week brings new customers to your door.", False),
+    ("Every week you can grow with us.", False),
+    ("Payouts come every week.", True),                      # about the worry: names or resembles it
+    ("Every week, straight to your bank.", True),
+    ("Every week.", True),                                   # a bare reply: about the worry just voiced
+    ("Weekly, every Monday.", True),
+])
+def test_a_fact_answers_a_worry_only_in_a_sentence_about_it(cfg, sentence, answers):
+    """The semantic appraiser: a resolve cue or a true figure of the worry the callee voiced answers it only
+    where the sentence names or resembles that worry, or is a bare reply. The base policy won a held-out call
+    with 'Every week brings you to another app.' after a payout-timing worry (README, "The premise")."""
+    app = A.SemanticAppraiser(cfg["simulator"]["rules"])
+    out = app([sentence], ["merchant_recruitment"], [("payout_cash_flow",)])[0]
+    assert ("payout_cash_flow" in out["addressed"]) == answers and not out["false_claims"]
+
+
+def test_bare_reply():
+    assert A.bare_reply("It's fifteen per cent.") and A.bare_reply("Every week.")
+    assert not A.bare_reply("Every week brings you to another app.")
