@@ -173,8 +173,10 @@ def parse_override(text):
 
 
 def load(path=None, overrides=()):
-    """Defaults from config.yaml, then the user's YAML (if another path), then the preset of the
-    resolved `algo`, then `key=value` overrides. Returns a nested dict."""
+    """Defaults from config.yaml, then the user's YAML (if another path), then `key=value` overrides, then
+    the preset of the resolved `algo`: a preset's keys define the algorithm (grpo *is* outcome advantages
+    without distillation), so they win over the YAML file, and a command-line override that contradicts
+    one is an error. Returns a nested dict."""
     with open(DEFAULT_PATH) as f:
         cfg = yaml.safe_load(f)
     flat_defaults = _flatten(cfg)
@@ -193,9 +195,8 @@ def load(path=None, overrides=()):
         if not isinstance(user, dict):
             raise ConfigError(f"config file '{path}' must hold a mapping of keys, like config.yaml.")
         updates.update(_flatten(user))
-    for text in overrides:
-        key, value = parse_override(text)
-        updates[key] = value
+    given = dict(parse_override(text) for text in overrides)
+    updates.update(given)
     for key in updates:
         if key not in flat_defaults:
             near = [k for k in flat_defaults if k.split(".")[-1] == key.split(".")[-1]]
@@ -203,7 +204,11 @@ def load(path=None, overrides=()):
             raise ConfigError(f"unknown config key '{key}'.{hint}")
     algo = updates.get("algo", cfg["algo"])
     _check("algo", algo, cfg["algo"])
-    for key, value in {**PRESETS[algo], **updates}.items():
+    for key, value in PRESETS[algo].items():
+        if key in given and _check(key, given[key], flat_defaults[key]) != value:
+            raise ConfigError(f"algo={algo} is defined by {key}={value}; drop the override {key}={given[key]} "
+                              f"(another algorithm is another preset: {', '.join(PRESETS)}).")
+    for key, value in {**updates, **PRESETS[algo]}.items():
         _set(cfg, key, _check(key, value, flat_defaults[key]))
     _check_ranges(cfg)
     return cfg

@@ -421,6 +421,12 @@ ALGOS = ("grpo", "savpo", "distill", "refine")
 COMPARE_PAIRS = (("savpo", "grpo"), ("savpo", "refine"), ("savpo", "distill"), ("refine", "grpo"))
 
 
+def preset_overrides(overrides, algo):
+    """The comparison's shared overrides minus those of keys the preset defines: `stpr.mode=direction` sets
+    SAVPO's STPR for savpo and refine, while grpo keeps its outcome advantages."""
+    return [o for o in overrides if config.parse_override(o)[0] not in config.PRESETS[algo]]
+
+
 def compare(config_path, overrides, seeds, n_personas, n, out, train, algos=ALGOS):
     """Train every preset in `algos` for every seed at the same rollout budget (the config, with
     `algo` and `seed` set; a run that is already complete is reused, a killed one resumed) with
@@ -438,7 +444,8 @@ def compare(config_path, overrides, seeds, n_personas, n, out, train, algos=ALGO
     for algo in algos:
         for seed in seeds:
             run_dir = os.path.join(out, f"{algo}_seed{seed}")
-            run_cfg = config.load(config_path, [*overrides, f"algo={algo}", f"seed={seed}", f"out_dir={run_dir}"])
+            run_cfg = config.load(config_path, [*preset_overrides(overrides, algo), f"algo={algo}", f"seed={seed}",
+                                                f"out_dir={run_dir}"])
             final = os.path.join(run_dir, "checkpoints", f"step_{run_cfg['train']['steps']:06d}", "adapter")
             if not os.path.exists(final):
                 resume = os.path.exists(os.path.join(run_dir, "checkpoints", "latest"))

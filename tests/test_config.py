@@ -8,8 +8,11 @@ def test_overrides_are_typed_and_presets_apply():
     assert cfg["train"]["lr"] == 1e-5 and cfg["train"]["steps"] == 3
     assert cfg["simulator"]["rules"]["patience"] == 2
     assert cfg["stpr"]["mode"] == "outcome" and cfg["aopsd"]["coef"] == 0.0   # the grpo preset
-    # a user override beats the preset
-    assert config.load(None, ["algo=grpo", "aopsd.coef=0.5"])["aopsd"]["coef"] == 0.5
+    # a preset's keys define it: an override that contradicts one is an error (it would make grpo another
+    # algorithm under grpo's name), one that agrees is accepted
+    with pytest.raises(config.ConfigError, match="algo=grpo is defined by aopsd.coef=0.0"):
+        config.load(None, ["algo=grpo", "aopsd.coef=0.5"])
+    assert config.load(None, ["algo=grpo", "stpr.mode=outcome"])["stpr"]["mode"] == "outcome"
     # an int is accepted for a float key
     assert config.load(None, ["train.lr=1"])["train"]["lr"] == 1.0
 
@@ -120,3 +123,17 @@ def test_other_entry_points_refuse_bad_values_in_one_sentence(module, argv, caps
         mod.main(argv) if module != "bench" else mod.main()
     said = (str(leave.value) if not isinstance(leave.value.code, int) else capsys.readouterr().err).strip()
     assert said and ("must be an integer >= 1" in said or "'learn_to_ask.lr'" in said)
+
+
+def test_the_comparisons_shared_overrides_never_redefine_a_preset(tmp_path):
+    """`savpo.py --compare stpr.mode=direction` trains savpo and refine with SAVPO's STPR; grpo keeps its outcome
+    advantages (before, the shared override made grpo train exactly as refine)."""
+    import eval as evaluation
+    shared = ["stpr.mode=direction", "train.lr=3e-4"]
+    modes = {algo: config.load(None, [*evaluation.preset_overrides(shared, algo), f"algo={algo}"])["stpr"]["mode"]
+             for algo in config.PRESETS}
+    assert modes == {"savpo": "direction", "grpo": "outcome", "distill": "direction", "refine": "direction"}
+    # a YAML file is shared settings too: the preset wins over it
+    path = tmp_path / "c.yaml"
+    path.write_text("stpr:\n  mode: direction\n")
+    assert config.load(str(path), ["algo=grpo"])["stpr"]["mode"] == "outcome"
