@@ -566,8 +566,9 @@ _CALLEE_FIGURE = re.compile(r"\b(every (?:single )?\w+|once an? \w+|(?:a|one|\d+
 def figure_echoer(obs):
     """Knows nothing and answers nothing: asks an open question, and meets a voiced worry by putting the
     figure the callee just said ("I pay my suppliers *every week*") into a sentence about something else
-    ("Every week brings you to another app."), then asks for the decision. Wins wherever a callee's own
-    figure happens to be the bank's true fact and a true figure alone resolves a worry."""
+    ("Every week brings you to another app."), then asks for the decision. It resolves a worry wherever the
+    callee's own figure is the bank's true fact, if a true figure alone answers one (it did: 7 of 90
+    merchant callees, before a fact had to be in a sentence about the worry)."""
     m = _CALLEE_FIGURE.search(obs["last_user"]) if obs["voiced"] else None
     if m is None:
         return _natural_turn(obs, [], [], push=True) if obs["heard_nothing"] else _next_open_probe(obs)
