@@ -628,7 +628,6 @@ class SemanticAppraiser:
                     + [c["statement"], c["resolution"]]).mean(0) for c in concerns]), dim=-1),     # (C, 384)
                 "answer": [self.embed((c.get("answer_examples") or []) + [c["resolution"]]) for c in concerns],
                 "resolve_cues": [c["resolve_cues"] for c in concerns],
-                "cues": [c["probe_cues"] + c["resolve_cues"] for c in concerns],
                 "probe_cues": [c["probe_cues"] for c in concerns],
                 "open": self.embed(bank["open_probe_examples"]),
                 "push": self.embed(bank["push_examples"]),
@@ -644,10 +643,11 @@ class SemanticAppraiser:
         open_, push, vague = (float((bank[key] @ v).max()) for key in ("open", "push", "vague"))
         best_probe, best_answer = float(probe.max()), float(answer.max())
         low = sentence.lower()
-        cued = {cid for cid, cues in zip(ids, bank["cues"]) if _has(low, cues)}
+        named = {cid for cid, cues in zip(ids, bank["probe_cues"]) if _has(low, cues)}      # by a topic word
+        facts = {cid for cid, cues in zip(ids, bank["resolve_cues"]) if _has(low, cues)}    # by a fact's words
+        cued = named | facts
         if is_question(sentence):
             open_words = bool(OPEN_PROBE.search(sentence))
-            named = {cid for cid, cues in zip(ids, bank["probe_cues"]) if _has(low, cues)}
             if (push >= t["push"] and push >= best_probe and push >= open_) or DECISION_ASK.search(sentence):
                 result["push"] = True
             elif named:                   # it names a topic: that one (of two, the closer)
@@ -671,7 +671,7 @@ class SemanticAppraiser:
             false, verified = check_claims(sentence, primary, book, support=cued | resembles)
             result["about"] |= cued | resembles
             result["false_claims"] |= false
-            concrete = ids[c] in verified or _has(low, bank["resolve_cues"][c])
+            concrete = ids[c] in verified or ids[c] in facts
             if best_answer >= t["answer"] and best_answer > vague + t["vague_margin"] and \
                     (concrete or best_answer >= t["answer_strong"]):
                 result["addressed"].add(ids[c])
@@ -679,9 +679,8 @@ class SemanticAppraiser:
             # concern the sentence is about: one it names by a topic word or resembles, or in a bare reply
             # ("It's fifteen per cent.") the voiced worry. "Every week brings you to another app." holds
             # the payout fact's words but is about another app.
-            topical = {cid for cid, cues in zip(ids, bank["probe_cues"]) if _has(low, cues)} | resembles
-            stated = {cid for cid, cues in zip(ids, bank["resolve_cues"]) if _has(low, cues)} | (verified & set(voiced))
-            result["addressed"] |= stated & (topical or (set(voiced) if bare_reply(sentence) else set()))
+            stated = facts | (verified & set(voiced))
+            result["addressed"] |= stated & ((named | resembles) or (set(voiced) if bare_reply(sentence) else set()))
             if push >= t["push"] and IMPERATIVE_PUSH.search(sentence):
                 result["push"] = True
         return max(best_probe, best_answer, open_, push)
