@@ -7,8 +7,8 @@
 
 Decoders run the *same* dialogues (same personas, greedy policy and simulator, the same per-turn
 token budgets), each in its own subprocess so peak memory is its own:
-  kv               rollout.KVBatch: per-dialogue KV caches, only each turn's new tokens prefilled
-  kv_compiled      rollout.StaticKVBatch: the same with a fixed-capacity cache and a torch.compile'd decode
+  kv               kvbatch.KVBatch: per-dialogue KV caches, only each turn's new tokens prefilled
+  kv_compiled      kvbatch.StaticKVBatch: the same with a fixed-capacity cache and a torch.compile'd decode
                    step (CUDA graphs on CUDA); an untimed identical run first compiles its shapes (`warmup_s`)
   generate_batched model.generate over all live dialogues, left-padded, re-prefilling whole dialogues
   generate_single  model.generate one dialogue at a time, re-prefilling (what most peers do)
@@ -35,6 +35,7 @@ import time
 import torch
 
 import config
+import kvbatch
 import lm
 import personas as P
 import rollout
@@ -166,11 +167,11 @@ def run_one(args, method, tokenizer, model):
 
     def decoder(model_, pad_id, adapter=True):
         if method == "kv":
-            d = rollout.KVBatch(model_, pad_id, adapter)
+            d = kvbatch.KVBatch(model_, pad_id, adapter)
             d.sync = True
         elif method == "kv_compiled":   # on CUDA one capacity for the whole run: one graph per view
             capacity = 2048 + args.policy_tokens if torch.cuda.is_available() else None
-            d = rollout.StaticKVBatch(model_, pad_id, adapter, capacity=capacity)
+            d = kvbatch.StaticKVBatch(model_, pad_id, adapter, capacity=capacity)
             d.sync = True
         else:
             d = GenerateBatch(model_, pad_id, adapter, batched=(method != "generate_single"),
@@ -204,7 +205,7 @@ def run_one(args, method, tokenizer, model):
         name = torch.cuda.get_device_name()
         peak = next((bw for key, bw in PEAK_BANDWIDTH.items() if key in name), None)
         if peak and decode_s > 0:   # decode MBU: bytes a decode step must read (weights + KV) / decode time
-            moved = result["decode_steps"] * weight_bytes(model) + sum(d.kv_slots_read for d in made) * rollout.kv_bytes_per_row(model, 1)
+            moved = result["decode_steps"] * weight_bytes(model) + sum(d.kv_slots_read for d in made) * kvbatch.kv_bytes_per_row(model, 1)
             result["decode_mbu"] = round(moved / decode_s / peak, 3)
         result["device"] = name
     else:
@@ -237,7 +238,7 @@ def write_model(arch, path):
 
 def child(args):
     tokenizer, model = load(args)
-    rollout.KVBatch(model, tokenizer.pad_token_id)  # import-time warm-up is not part of any timing
+    kvbatch.KVBatch(model, tokenizer.pad_token_id)  # import-time warm-up is not part of any timing
     warmup_s = None
     if args.one == "kv_compiled":   # an untimed run first compiles every shape the timed run meets
         t0 = time.perf_counter()

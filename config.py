@@ -14,6 +14,7 @@ a typo. The resolved config is written next to every run (`save`).
 """
 
 import copy
+import dataclasses
 import os
 import sys
 
@@ -40,12 +41,6 @@ CHOICES = {
     "aopsd.topk_support": ["teacher", "student"],
     "aopsd.turn_weighting": ["uniform", "willingness"],
     "stpr.mode": ["direction", "additive", "outcome"],
-    "learn_to_ask.on_bad_line": ["skip", "refuse"],
-    "learn_to_ask.extractor": ["labels", "llm"],
-    "learn_to_ask.reward": ["default", "sum", "Ra", "Rs"],
-    "learn_to_ask.reward_parse": ["published", "strict"],
-    "learn_to_ask.grader": ["proxy", "llm"],
-    "learn_to_ask.grader_prompt": ["best", "rubric", "rubric+cal", "fewshot", "fewshot+cal", "short", "short+cal"],
 }
 
 # Allowed ranges, next to CHOICES: every numeric knob a user can set wrong. "> 0" and ">= 1" are
@@ -70,14 +65,6 @@ RANGES = {
     "stpr.coef": ">= 0", "stpr.beta": ">= 0", "stpr.eps_low": "[0, 1)", "stpr.eps_high": ">= 0", "stpr.ref_kl": ">= 0",
     "aopsd.coef": ">= 0", "aopsd.ema_decay": "[0, 1]", "aopsd.alpha": "(0, 1)", "aopsd.topk": ">= 1",
     "aopsd.chunk": ">= 1", "aopsd.clip": ">= 0",
-    "learn_to_ask.extractor_max_tokens": ">= 1", "learn_to_ask.test_fraction": "[0, 1)",
-    "learn_to_ask.max_sessions": ">= 0", "learn_to_ask.log_sessions": ">= 1", "learn_to_ask.beta": ">= 0",
-    "learn_to_ask.max_new_tokens": ">= 1", "learn_to_ask.temperature": ">= 0", "learn_to_ask.steps": ">= 1",
-    "learn_to_ask.samples_per_step": ">= 1", "learn_to_ask.group_size": ">= 2", "learn_to_ask.epochs": ">= 1",
-    "learn_to_ask.micro_batch": ">= 1", "learn_to_ask.lr": "> 0", "learn_to_ask.eps_low": "[0, 1)",
-    "learn_to_ask.eps_high": ">= 0", "learn_to_ask.grad_clip": "> 0", "learn_to_ask.save_every": ">= 0",
-    "learn_to_ask.n_eval_samples": ">= 1", "learn_to_ask.eval_rollouts": ">= 1", "learn_to_ask.play_n": ">= 1",
-    "learn_to_ask.play_turns": ">= 1", "learn_to_ask.stop_fraction": "[0, 1]",
 }
 
 
@@ -91,9 +78,9 @@ def in_range(value, allowed):
     return (lo <= value if allowed[0] == "[" else lo < value) and (value <= hi if allowed[-1] == "]" else value < hi)
 
 
-def _check_ranges(cfg):
-    """Every RANGES key, then the cross-key rules, each refused with one sentence."""
-    for key, allowed in RANGES.items():
+def _check_ranges(cfg, ranges):
+    """Every `ranges` key, then the cross-key rules, each refused with one sentence."""
+    for key, allowed in ranges.items():
         value = get(cfg, key)
         if not in_range(value, allowed):
             raise ConfigError(f"config key '{key}' is {value!r}; allowed: {allowed}.")
@@ -107,7 +94,8 @@ def _check_ranges(cfg):
                           f"< rollout.max_context ({cfg['rollout']['max_context']}).")
 
 
-# Presets applied by `algo` before user overrides (a user override always wins).
+# Presets of `algo`: a preset's keys define the algorithm, so they win over a --config file, and a command-line
+# override that contradicts one is refused (`load`).
 PRESETS = {
     "savpo": {},
     "grpo": {"stpr.mode": "outcome", "aopsd.coef": 0.0},
@@ -118,6 +106,15 @@ PRESETS = {
 
 class ConfigError(ValueError):
     """A user-caused configuration mistake; its message is one sentence naming the key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Section:
+    """Another method's keys, kept in its own YAML beside its code (learn_to_ask/config.yaml): `load` adds
+    them to the defaults and checks them with their own CHOICES and RANGES."""
+    path: str
+    choices: dict
+    ranges: dict
 
 
 def _flatten(tree, prefix=""):
@@ -131,9 +128,9 @@ def _flatten(tree, prefix=""):
     return flat
 
 
-def _check(key, value, default):
-    if key in CHOICES and value not in CHOICES[key]:
-        raise ConfigError(f"config key '{key}' is {value!r}; allowed: {', '.join(map(str, CHOICES[key]))}.")
+def _check(key, value, default, choices=CHOICES):
+    if key in choices and value not in choices[key]:
+        raise ConfigError(f"config key '{key}' is {value!r}; allowed: {', '.join(map(str, choices[key]))}.")
     if default is None or value is None:
         return value
     if isinstance(default, bool) or isinstance(value, bool):
@@ -172,13 +169,18 @@ def parse_override(text):
     return key.strip(), value
 
 
-def load(path=None, overrides=()):
-    """Defaults from config.yaml, then the user's YAML (if another path), then `key=value` overrides, then
-    the preset of the resolved `algo`: a preset's keys define the algorithm (grpo *is* outcome advantages
-    without distillation), so they win over the YAML file, and a command-line override that contradicts
-    one is an error. Returns a nested dict."""
+def load(path=None, overrides=(), section=None):
+    """Defaults from config.yaml (and a `Section`'s YAML), then the user's YAML (if another path), then
+    `key=value` overrides, then the preset of the resolved `algo`: a preset's keys define the algorithm
+    (grpo *is* outcome advantages without distillation), so they win over the YAML file, and a command-line
+    override that contradicts one is an error. Returns a nested dict."""
     with open(DEFAULT_PATH) as f:
         cfg = yaml.safe_load(f)
+    choices, ranges = CHOICES, RANGES
+    if section is not None:
+        with open(section.path) as f:
+            cfg.update(yaml.safe_load(f))
+        choices, ranges = {**CHOICES, **section.choices}, {**RANGES, **section.ranges}
     flat_defaults = _flatten(cfg)
     updates = {}
     if path and os.path.abspath(path) != DEFAULT_PATH:
@@ -209,8 +211,8 @@ def load(path=None, overrides=()):
             raise ConfigError(f"algo={algo} is defined by {key}={value}; drop the override {key}={given[key]} "
                               f"(another algorithm is another preset: {', '.join(PRESETS)}).")
     for key, value in {**updates, **PRESETS[algo]}.items():
-        _set(cfg, key, _check(key, value, flat_defaults[key]))
-    _check_ranges(cfg)
+        _set(cfg, key, _check(key, value, flat_defaults[key], choices))
+    _check_ranges(cfg, ranges)
     return cfg
 
 

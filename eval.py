@@ -25,8 +25,7 @@ conversation-only view, the *same* base policy given the privileged view (hidden
 prompt, `aopsd.placement`), and any trained adapters, compared by pass@k for k = 1..n. The report
 says plainly whether the privileged policy beats the base one here.
 
-`compare` (SAVPO against GRPO and the ablations over several seeds) trains every preset, so its command
-is the trainer's: `python savpo.py --compare --seeds 0,1,2 --personas 24 --n 2 train.steps=4`.
+SAVPO against GRPO and its ablations over several seeds trains every preset first: compare.py.
 """
 
 import argparse
@@ -34,13 +33,12 @@ import json
 import math
 import os
 import re
-import shutil
 import sys
 
 import torch
 
-import checkpoint
 import config
+import kvbatch
 import lm
 import personas as P
 import rollout
@@ -238,7 +236,7 @@ def play(model, tokenizer, cfg, persona_list, n, seed, privileged=None, sim_mode
     was_training = model.training
     model.eval()
     sim = S.CognitiveUserSimulator(cfg["simulator"], sim_model or model, sim_tokenizer or tokenizer, seed=seed + 1,
-                                   decoder=rollout.decoder_for(sim_model or model, cfg["rollout"]))
+                                   decoder=kvbatch.decoder_for(sim_model or model, cfg["rollout"]))
     trajs = rollout.run(model, tokenizer, sim, persona_list, cfg["rollout"], group_size=n, seed=seed + 7,
                         privileged=privileged, progress=progress, note=note or cfg["aopsd"]["note"])
     model.train(was_training)
@@ -415,141 +413,6 @@ def plot_curves(run_dir):
     return path
 
 
-# --------------------------------------------------------------------------- the comparison
-
-ALGOS = ("grpo", "savpo", "distill", "refine")
-COMPARE_PAIRS = (("savpo", "grpo"), ("savpo", "refine"), ("savpo", "distill"), ("refine", "grpo"))
-
-
-def preset_overrides(overrides, algo):
-    """The comparison's shared overrides minus those of keys the preset defines: `stpr.mode=direction` sets
-    SAVPO's STPR for savpo and refine, while grpo keeps its outcome advantages."""
-    return [o for o in overrides if config.parse_override(o)[0] not in config.PRESETS[algo]]
-
-
-def compare(config_path, overrides, seeds, n_personas, n, out, train, algos=ALGOS):
-    """Train every preset in `algos` for every seed at the same rollout budget (the config, with
-    `algo` and `seed` set; a run that is already complete is reused, a killed one resumed) with
-    `train(run_cfg, resume)` -- savpo.py's `--compare` passes its Trainer, so this module never imports
-    the trainer (savpo.py imports this one for its periodic evaluation) -- then play
-    the base policy, the base policy given the privileged view (the pilot) and every adapter on the
-    same held-out personas with the same sampling seed. Writes compare.json, compare.md (one table:
-    each policy's means with 95% bootstrap intervals over personas -- an algorithm's adapters of
-    all seeds averaged per persona first -- and its paired difference from the base policy) and
-    compare.png (the same intervals as error bars)."""
-    cfg = config.load(config_path, overrides)
-    os.makedirs(out, exist_ok=True)
-    config.save(cfg, out)
-    adapters = {}
-    for algo in algos:
-        for seed in seeds:
-            run_dir = os.path.join(out, f"{algo}_seed{seed}")
-            run_cfg = config.load(config_path, [*preset_overrides(overrides, algo), f"algo={algo}", f"seed={seed}",
-                                                f"out_dir={run_dir}"])
-            final = os.path.join(run_dir, "checkpoints", f"step_{run_cfg['train']['steps']:06d}", "adapter")
-            if not os.path.exists(final):
-                resume = os.path.exists(os.path.join(run_dir, "checkpoints", "latest"))
-                if not resume:
-                    shutil.rmtree(run_dir, ignore_errors=True)
-                print(f"training {algo}, seed {seed} -> {run_dir}", flush=True)
-                train(run_cfg, resume)
-            adapters[(algo, seed)] = final
-    personas = eval_personas(cfg, n_personas)
-    tokenizer, model = lm.load_model(cfg["model"])
-    sim_model = sim_tok = None
-    if cfg["simulator"]["model"]:
-        sim_tok, sim_model = lm.load_model({**cfg["model"], "name_or_path": cfg["simulator"]["model"], "warm_start": ""})
-    tables = {}
-
-    def play_table(name, privileged=None):
-        trajs, _ = play(model, tokenizer, cfg, personas, n, cfg["seed"], privileged, sim_model, sim_tok,
-                        progress=f"eval {name}")
-        tables[name] = per_persona(trajs)
-        print(f"  {name:26s} " + "  ".join(f"{m} {fmt(v)}" for m, v in intervals(tables[name]).items()), flush=True)
-        write_samples(trajs, os.path.join(out, f"samples_{name.replace('/', '_')}.jsonl"))    # for view.py
-
-    play_table("base")
-    play_table(f"base+privileged({cfg['aopsd']['placement']})", cfg["aopsd"]["placement"])
-    from peft import PeftModel
-    for k, ((algo, seed), path) in enumerate(adapters.items()):
-        name = f"{algo}_seed{seed}"
-        if k == 0:
-            model = PeftModel.from_pretrained(model, path, adapter_name=name)
-        else:
-            model.load_adapter(path, adapter_name=name)
-        model.set_adapter(name)
-        play_table(name)
-    rows = {name: tables[name] for name in list(tables)[:2]}
-    for algo in algos:    # an algorithm's seeds averaged per persona: the persona stays the unit
-        per_seed = [tables[f"{algo}_seed{seed}"] for seed in seeds]
-        rows[algo] = {p: {m: sum(t[p][m] for t in per_seed) / len(per_seed) for m in METRICS} for p in per_seed[0]}
-    result = {name: {"intervals": intervals(table),
-                     "difference_vs_base": paired_difference(tables["base"], table) if name != "base" else None,
-                     "per_seed_means": {s: {m: round(sum(r[m] for r in tables[f"{name}_seed{s}"].values())
-                                                  / len(personas), 4) for m in METRICS} for s in seeds}
-                     if name in algos else None} for name, table in rows.items()}
-    # the method against its baseline and its own ablations, persona by persona (seeds averaged)
-    pairs = {f"{a} - {b}": paired_difference(rows[b], rows[a]) for a, b in COMPARE_PAIRS if a in rows and b in rows}
-    with open(os.path.join(out, "compare.json"), "w") as f:
-        json.dump({"personas": len(personas), "samples": n, "seeds": list(seeds), "results": result, "pairs": pairs,
-                   "per_persona": tables}, f, indent=1)   # per_persona: for any other paired difference
-    lines = [f"# {len(personas)} held-out personas x {n} samples; trained presets averaged over seeds "
-             f"{', '.join(map(str, seeds))} per persona; 95% bootstrap intervals over personas", "",
-             "| policy | " + " | ".join(METRICS) + " | reveal minus base | resolve minus base | success minus base |",
-             "|---|" + "---|" * (len(METRICS) + 3)]
-    for name, r in result.items():
-        d = r["difference_vs_base"]
-        lines.append(f"| {name} | " + " | ".join(fmt(r["intervals"][m]) for m in METRICS) + " | "
-                     + (" | ".join(fmt(d[m]) for m in ("reveal", "resolve", "success")) if d else "- | - | -") + " |")
-    lines += ["", "Paired differences (an interval that holds 0 is no measurable difference):", "",
-              "| difference | success | resolve | reveal | misinformation |", "|---|---|---|---|---|"]
-    for name, d in pairs.items():
-        lines.append(f"| {name} | " + " | ".join(fmt(d[m]) if m in d else "-" for m in
-                                                ("success", "resolve", "reveal", "misinformation")) + " |")
-    with open(os.path.join(out, "compare.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    _compare_plot(result, os.path.join(out, "compare.png"))
-    print("\n".join(lines))
-    return result
-
-
-def compare_main(argv, train):
-    """The comparison's command line, `python savpo.py --compare [--seeds 0,1,2 --personas N --n N --out DIR
-    --config PATH] [key=value ...]`: savpo.py hands over its arguments and its Trainer as `train`."""
-    parser = argparse.ArgumentParser(prog="savpo.py --compare", description="Train every preset over seeds and "
-                                     "compare them with the base policy and the pilot on held-out personas.")
-    parser.add_argument("--compare", action="store_true")
-    parser.add_argument("--seeds", default="0,1,2", help="training seeds")
-    parser.add_argument("--personas", type=config.positive_int, default=64, help="held-out personas")
-    parser.add_argument("--n", type=config.positive_int, default=4, help="sampled dialogues per persona")
-    parser.add_argument("--out", default="runs/compare", help="output folder")
-    parser.add_argument("--config", default=None)
-    parser.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
-    args = parser.parse_intermixed_args(argv)
-    try:
-        seeds = [int(x) for x in args.seeds.split(",")]
-        return compare(args.config, args.overrides, seeds, args.personas, args.n, args.out, train)
-    except (config.ConfigError, lm.ModelError, P.DomainError, checkpoint.CheckpointError, ValueError) as e:
-        raise SystemExit(f"--compare: {e}")
-
-
-def _compare_plot(result, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    names = list(result)
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
-    for ax, metric in zip(axes, ("success", "reveal", "resolve")):
-        ci = [result[n]["intervals"][metric] for n in names]
-        ax.bar(range(len(names)), [c[0] for c in ci], yerr=[[c[0] - c[1] for c in ci], [c[2] - c[0] for c in ci]],
-               capsize=3, color=["gray", "silver"] + ["tab:blue"] * (len(names) - 2))
-        ax.set_xticks(range(len(names)), names, rotation=30, fontsize=7, ha="right")
-        ax.set_title(f"{metric} (95% CI over personas)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 # --------------------------------------------------------------------------- CLI
 
 def _adapter_run_config(path):
@@ -571,14 +434,10 @@ def main(argv=None):
                         help="held-out personas (default personas.eval_n)")
     parser.add_argument("--appraiser", choices=["lexical", "llm", "generative"], help="cross-simulator: appraiser")
     parser.add_argument("--simulator-model", help="cross-simulator: another model plays the user")
-    parser.add_argument("--compare", action="store_true", help="moved: python savpo.py --compare (it trains)")
     parser.add_argument("--out", default="runs/eval", help="output folder")
     parser.add_argument("--config", default=None)
     parser.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
     args = parser.parse_args(argv)
-    if args.compare:
-        raise SystemExit("the comparison trains every preset, so it runs from the trainer: python savpo.py "
-                         "--compare --seeds 0,1,2 --personas 24 --n 2 [key=value ...]")
     notes = args.notes.split(",") if args.notes else []
     if [n for n in notes if n not in P.NOTE_STYLES]:
         raise SystemExit(f"--notes: unknown note style {[n for n in notes if n not in P.NOTE_STYLES][0]!r}; "

@@ -1,6 +1,6 @@
 """Model loading, LoRA, chat rendering and log-prob helpers shared by every role.
 
-One base model is loaded once and plays four roles (see README): the student and the teacher are
+One base model is loaded once and plays four roles (README, "SAVPO in one screen"): the student and the teacher are
 the base plus the LoRA adapter, the simulator and the reference are the same base with the adapter
 disabled (`adapter_off`). `model.name_or_path` may be
 
@@ -12,7 +12,7 @@ disabled (`adapter_off`). `model.name_or_path` may be
   fails at once with a message naming the embedded default).
 
 Quantisation `4bit` (bitsandbytes NF4 + double quant), `8bit` or `none`; `dtype: auto` picks
-bfloat16 on CUDA and, on the CPU, the dtype that measured fastest for generation (README).
+bfloat16 on CUDA and, on the CPU, the dtype that measured fastest for generation (docs/scaling.md, "Precision on the CPU").
 """
 
 import contextlib
@@ -106,7 +106,7 @@ def pick_device(device):
 
 def pick_dtype(dtype, device):
     if dtype == "auto":
-        # CPU: fp32 measured fastest for the 135M model's generation on the 2-core machine (README, bench
+        # CPU: fp32 measured fastest for the 135M model's generation on the 2-core machine (docs/scaling.md, bench
         # `python lm.py --speed`); bf16 matmuls without AMX fall back to slow paths.
         return torch.bfloat16 if device == "cuda" else torch.float32
     return getattr(torch, dtype)
@@ -396,7 +396,7 @@ def token_logprobs(logits, targets, temperature=1.0):
 
 
 def _speed(model_name, tokens):
-    """Greedy generation tokens/s at batch 1 and 16 for each precision (README figures)."""
+    """Greedy generation tokens/s at batch 1 and 16 for each precision (docs/scaling.md)."""
     import time
     for quant, dtype in [("none", "float32"), ("none", "bfloat16"), ("4bit", "float32"), ("4bit", "bfloat16")]:
         tok, model = load_model({"name_or_path": model_name, "quantization": quant, "dtype": dtype, "device": "auto"})

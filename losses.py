@@ -18,9 +18,10 @@ Terms, defined once here:
       L_STPR = -mean_t min(r_t A, clip(r_t, 1 - eps_low, 1 + eps_high) A),  r_t = p / p_old
 - `ref_kl`: the optional k3 estimate of KL(policy || reference), the reference being the adapter-free base.
 
-Conventions (README, "Conventions"): divergences in TRL's `alpha` convention; every normaliser is the
-whole optimisation step's (the callers pass the step's token count and turn-weight total), so a step
-split into micro-batches, or over processes, has the same gradient.
+Conventions (docs/savpo.md): the student comes first and the teacher second in every function, options
+are keyword-only; divergences in TRL's `alpha` convention; every normaliser is the whole optimisation
+step's (the callers pass the step's token count and turn-weight total), so a step split into
+micro-batches, or over processes, has the same gradient.
 """
 
 import math
@@ -36,7 +37,7 @@ def _segment_mean(values, segments, n_segments):
     return sums / counts.clamp(min=1), counts
 
 
-def divergence(teacher_logp, student_logp, kind="forward", alpha=0.5):
+def divergence(student_logp, teacher_logp, *, kind="forward", alpha=0.5):
     """Per-row divergence between two distributions given as log-probs over the same support (n, K),
     in TRL's convention (`trl/experimental/sdft/loss_utils.py`, `alpha`):
 
@@ -65,31 +66,31 @@ def _with_tail(logp_top):
     return torch.cat([logp_top, torch.log(-torch.expm1(captured))], -1)
 
 
-def _token_divergence(teacher_logits, student_logits, kind, alpha, vocab, topk, support):
-    t = torch.log_softmax(teacher_logits.float(), -1)
+def _token_divergence(student_logits, teacher_logits, kind, alpha, vocab, topk, support):
     s = torch.log_softmax(student_logits.float(), -1)
+    t = torch.log_softmax(teacher_logits.float(), -1)
     if vocab == "topk":   # the top-k tokens of one side (`support`), the other projected onto them, + tail
         idx = (t if support == "teacher" else s).topk(topk, -1).indices                    # (n, k)
         t, s = _with_tail(t.gather(-1, idx)), _with_tail(s.gather(-1, idx))
-    return divergence(t, s, kind, alpha)
+    return divergence(s, t, kind=kind, alpha=alpha)
 
 
-def token_divergence(student_logits, teacher_logits, kind="forward", alpha=0.5, vocab="full", topk=64,
+def token_divergence(student_logits, teacher_logits, *, kind="forward", alpha=0.5, vocab="full", topk=64,
                      support="teacher", chunk=256):
     """Per-token divergence of (N, V) logits, over the full vocabulary or a top-k support plus a tail
     bucket (`support`: whose top-k, TRL's `topk_support`), `chunk` rows at a time. Each chunk is
     recomputed in the backward pass (checkpointing), so the softmax temporaries never exceed
     chunk x V whatever N and V are. Returns (N,)."""
     from torch.utils.checkpoint import checkpoint
-    fn = lambda t, s: _token_divergence(t, s, kind, alpha, vocab, topk, support)
+    fn = lambda s, t: _token_divergence(s, t, kind, alpha, vocab, topk, support)
     pieces = []
     for i in range(0, student_logits.shape[0], chunk):
         s, t = student_logits[i:i + chunk], teacher_logits[i:i + chunk]
-        pieces.append(checkpoint(fn, t, s, use_reentrant=False) if s.requires_grad else fn(t, s))
+        pieces.append(checkpoint(fn, s, t, use_reentrant=False) if s.requires_grad else fn(s, t))
     return torch.cat(pieces) if pieces else student_logits.new_zeros(0)
 
 
-def aopsd_loss(student_logits, teacher_logits, mask, turn_ids, turn_weights=None, weight_total=None,
+def aopsd_loss(student_logits, teacher_logits, mask, turn_ids, *, turn_weights=None, weight_total=None,
                kind="forward", alpha=0.5, vocab="full", topk=64, support="teacher", chunk=256, clip=0.0):
     """Asymmetric on-policy self-distillation loss.
 
@@ -109,8 +110,8 @@ def aopsd_loss(student_logits, teacher_logits, mask, turn_ids, turn_weights=None
     [0.9]: turn means [0.3, 0.9]; uniform weights give loss 0.6 (a token mean would give 0.5).
     """
     m = mask.bool()
-    div = token_divergence(student_logits[m], teacher_logits[m].detach(), kind, alpha, vocab, topk, support,
-                           chunk)                                                         # (N,)
+    div = token_divergence(student_logits[m], teacher_logits[m].detach(), kind=kind, alpha=alpha, vocab=vocab,
+                           topk=topk, support=support, chunk=chunk)                               # (N,)
     if clip > 0:
         div = div.clamp(max=clip)
     n_turns = int(turn_ids[m].max()) + 1 if m.any() else 1
@@ -124,7 +125,7 @@ def aopsd_loss(student_logits, teacher_logits, mask, turn_ids, turn_weights=None
     return loss, div.detach().mean() if div.numel() else div.new_zeros(())
 
 
-def stpr_advantages(final_rewards, delta_w, groups, mode="direction", beta=0.5, eps=1e-6):
+def stpr_advantages(final_rewards, delta_w, groups, *, mode="direction", beta=0.5, eps=1e-6):
     """Per-turn advantages from the final decision (magnitude) and willingness shifts (direction).
 
     final_rewards (N,)        R_i, 1 iff the callee accepted
@@ -173,7 +174,7 @@ def stpr_advantages(final_rewards, delta_w, groups, mode="direction", beta=0.5, 
     return adv, per_turn
 
 
-def clipped_pg_loss(logp, old_logp, adv, mask, eps_low=0.2, eps_high=0.28):
+def clipped_pg_loss(logp, old_logp, adv, mask, *, eps_low=0.2, eps_high=0.28):
     """Token-mean clipped policy-gradient (PPO/GRPO) objective.
 
     logp, old_logp, adv, mask: (B, T).

@@ -3,7 +3,6 @@
     python savpo.py                                  # default config: CPU, embedded 135M model, ~10 min
     python savpo.py algo=grpo train.steps=20         # a baseline, any config override
     python savpo.py --resume out_dir=runs/default    # continue a run exactly where it stopped
-    python savpo.py --compare --seeds 0,1,2 --personas 24 --n 2 train.steps=4   # every preset, evaluated (eval.py)
 
 SAVPO (Simulator-induced Asymmetric-View Policy Optimization) trains one LoRA policy on its own
 rollouts with two objectives, defined with their formulas in losses.py:
@@ -36,6 +35,7 @@ import signal
 import sys
 import threading
 import time
+import typing
 import warnings
 
 import torch
@@ -43,6 +43,7 @@ import torch
 import checkpoint
 import config
 import eval as evaluation  # eval.py; the module name is the design's, the alias avoids the builtin
+import kvbatch
 import lm
 import losses
 import personas as P
@@ -55,20 +56,28 @@ import warmstart
 # From trajectories to the loss terms (shared with trl_savpo.py)
 # =============================================================================================
 
+class AgentTargets(typing.NamedTuple):
+    """The tokens of one trajectory the policy sampled, as the update needs them. The logits at position
+    j predict token j + 1, so `positions` are the positions *before* each sampled token."""
+    positions: list     # j, where the logits predict a sampled token (ids[j + 1])
+    ids: list           # the sampled tokens ids[j + 1]
+    logprobs: list      # their rollout-time log-probs (kept as a drift metric, `logprob_gap_*`)
+    turns: list         # the agent turn each belongs to
+
+
 def agent_targets(traj):
-    """Positions j whose *next* token j+1 the policy sampled: (positions, target ids, rollout log-probs,
-    turn of each target). The logits at position j predict token j+1."""
+    """The `AgentTargets` of a trajectory: every token its agent mask marks as sampled."""
     pos = [j for j in range(len(traj.ids) - 1) if traj.agent_mask[j + 1]]
-    return (pos, [traj.ids[j + 1] for j in pos], [traj.logprobs[j + 1] for j in pos],
-            [traj.turn_ids[j + 1] for j in pos])
+    return AgentTargets(pos, [traj.ids[j + 1] for j in pos], [traj.logprobs[j + 1] for j in pos],
+                        [traj.turn_ids[j + 1] for j in pos])
 
 
 def policy_logits(model, trajs, targets):
     """(N, V) logits at every agent-target position of a few trajectories, through the model's own head."""
-    rows = torch.tensor([b for b, tg in enumerate(targets) for _ in tg[0]], dtype=torch.long)
-    cols = torch.tensor([j for tg in targets for j in tg[0]], dtype=torch.long)
+    rows = torch.tensor([b for b, tg in enumerate(targets) for _ in tg.positions], dtype=torch.long)
+    cols = torch.tensor([j for tg in targets for j in tg.positions], dtype=torch.long)
     # tokens after a trajectory's last agent token (the callee's closing line) predict nothing we train
-    return lm.selected_logits(model, [t.ids[:tg[0][-1] + 1] for t, tg in zip(trajs, targets)], (rows, cols))
+    return lm.selected_logits(model, [t.ids[:tg.positions[-1] + 1] for t, tg in zip(trajs, targets)], (rows, cols))
 
 
 def step_advantages(trajs, stpr_cfg):
@@ -77,7 +86,7 @@ def step_advantages(trajs, stpr_cfg):
     rewards = torch.tensor([t.reward for t in trajs])
     dws = [torch.tensor([s["delta_willingness"] for s in t.states], dtype=torch.float32) for t in trajs]
     groups = torch.tensor([t.group for t in trajs])
-    return losses.stpr_advantages(rewards, dws, groups, stpr_cfg["mode"], stpr_cfg["beta"])
+    return losses.stpr_advantages(rewards, dws, groups, mode=stpr_cfg["mode"], beta=stpr_cfg["beta"])
 
 
 def turn_weights(trajs, weighting):
@@ -122,7 +131,7 @@ def teacher_logits(model, tokenizer, batch, targets, aopsd_cfg):
     for b, (tr, tg) in enumerate(zip(batch, targets)):
         teacher_ids, index = rollout.teacher_view(tr, rollout.note_ids(tokenizer, tr.persona, aopsd_cfg["note"]),
                                                   aopsd_cfg["placement"])
-        for j in tg[0]:
+        for j in tg.positions:
             b_idx.append(b)
             c_idx.append(index[j + 1] - 1)     # the teacher position predicting token j + 1
         rows.append(teacher_ids[:c_idx[-1] + 1])
@@ -140,19 +149,19 @@ def aopsd_term(student_logits, teacher, targets, weights, weight_total, aopsd_cf
     total: (loss, mean per-token divergence). per_turn=True also returns {(trajectory, turn): the turn's
     mean divergence, as the loss averaged it} (recomputed without gradient, for samples.jsonl)."""
     a, device = aopsd_cfg, student_logits.device
-    pairs = [(b, k) for b, tg in enumerate(targets) for k in tg[3]]             # (trajectory, turn) of each token
+    pairs = [(b, k) for b, tg in enumerate(targets) for k in tg.turns]          # (trajectory, turn) of each token
     keys = sorted(set(pairs))
     segment = torch.tensor([keys.index(p) for p in pairs], device=device)                          # (N,)
     turn_w = torch.tensor([[weights[b][k] for b, k in keys]], device=device)                       # (1, K)
     ones = torch.ones(1, len(pairs), device=device)
-    loss, mean = losses.aopsd_loss(student_logits[None], teacher[None], ones, segment[None], turn_w, weight_total,
-                                   a["divergence"], a["alpha"], a["vocab"], a["topk"], a["topk_support"], a["chunk"],
-                                   a["clip"])
+    options = dict(kind=a["divergence"], alpha=a["alpha"], vocab=a["vocab"], topk=a["topk"], support=a["topk_support"],
+                   chunk=a["chunk"])
+    loss, mean = losses.aopsd_loss(student_logits[None], teacher[None], ones, segment[None], turn_weights=turn_w,
+                                   weight_total=weight_total, clip=a["clip"], **options)
     if not per_turn:
         return loss, mean
     with torch.no_grad():
-        div = losses.token_divergence(student_logits.detach(), teacher, a["divergence"], a["alpha"], a["vocab"],
-                                      a["topk"], a["topk_support"], a["chunk"])                  # (N,)
+        div = losses.token_divergence(student_logits.detach(), teacher, **options)                 # (N,)
         div = div.clamp(max=a["clip"]) if a["clip"] > 0 else div
         turn_div, _ = losses._segment_mean(div, segment, len(keys))                               # (K,)
     return loss, mean, dict(zip(keys, turn_div.tolist()))
@@ -187,7 +196,7 @@ class Trainer:
         if cfg["simulator"]["model"]:
             self.sim_tokenizer, self.sim_model = lm.load_model({**cfg["model"], "name_or_path": cfg["simulator"]["model"], "warm_start": ""})
         self.simulator = S.CognitiveUserSimulator(cfg["simulator"], self.sim_model, self.sim_tokenizer, seed=cfg["seed"],
-                                                  decoder=rollout.decoder_for(self.sim_model, cfg["rollout"]))
+                                                  decoder=kvbatch.decoder_for(self.sim_model, cfg["rollout"]))
         self.train_personas = [p for k in range(t["steps"]) for p in self.personas_for(k)]
         pc = cfg["personas"]
         self.eval_personas = P.sample_many(pc["domains"], pc["eval_n"], pc["eval_seed"],
@@ -247,7 +256,7 @@ class Trainer:
         trainable = [i for i, tr in enumerate(trajs) if sum(tr.agent_mask) > 0]
         targets = {i: agent_targets(trajs[i]) for i in trainable}
         weights, weight_total = turn_weights(trajs, a["turn_weighting"])
-        norm = {"tokens": sum(len(targets[i][0]) for i in trainable), "weight_total": weight_total}
+        norm = {"tokens": sum(len(targets[i].positions) for i in trainable), "weight_total": weight_total}
         # a trajectory with no PG signal needs no forward at all when nothing else uses it (grpo/refine)
         pg_signal = lambda i: st["coef"] > 0 and bool((per_turn_adv[i] != 0).any())
         work = [i for i in trainable if a["coef"] > 0 or st["ref_kl"] > 0 or pg_signal(i)]
@@ -281,7 +290,7 @@ class Trainer:
                 bar.update(1)
             self.model.eval()
             if epoch == 0:
-                gaps = torch.cat([(old[i] - torch.tensor(targets[i][2])).abs() for i in old]) if old else torch.zeros(1)
+                gaps = torch.cat([(old[i] - torch.tensor(targets[i].logprobs)).abs() for i in old]) if old else torch.zeros(1)
                 stats["logprob_gap_mean"], stats["logprob_gap_max"] = float(gaps.mean()), float(gaps.max())
             if not finite:
                 self.optimizer.zero_grad(set_to_none=True)
@@ -306,12 +315,12 @@ class Trainer:
         already scaled by their share of the step (see `update`)."""
         a, st = self.cfg["aopsd"], self.cfg["stpr"]
         batch, tgs = [trajs[i] for i in chunk], [targets[i] for i in chunk]
-        pairs = [(b, k) for b, tg in enumerate(tgs) for k in tg[3]]             # (trajectory, turn) of each token
+        pairs = [(b, k) for b, tg in enumerate(tgs) for k in tg.turns]          # (trajectory, turn) of each token
         logits = policy_logits(self.model, batch, tgs)                          # (N, V)
         device = logits.device
-        target_ids = torch.tensor([x for tg in tgs for x in tg[1]], device=device)              # (N,)
+        target_ids = torch.tensor([x for tg in tgs for x in tg.ids], device=device)             # (N,)
         logp = lm.token_logprobs(logits, target_ids, self.cfg["rollout"]["temperature"])        # (N,)
-        sizes = [len(tg[0]) for tg in tgs]
+        sizes = [len(tg.positions) for tg in tgs]
         first_pass = chunk[0] not in old
         if first_pass:   # first pass: the behaviour policy's log-probs are these, detached
             old.update(zip(chunk, logp.detach().cpu().split(sizes)))
@@ -322,7 +331,7 @@ class Trainer:
         if st["coef"] > 0:
             adv = torch.tensor([float(per_turn_adv[chunk[b]][k]) for b, k in pairs], device=device)   # (N,)
             pg, clip_frac, outside = losses.clipped_pg_loss(logp[None], old_logp[None], adv[None], ones,
-                                                            st["eps_low"], st["eps_high"])
+                                                            eps_low=st["eps_low"], eps_high=st["eps_high"])
             loss = loss + st["coef"] * pg * token_share
             stats["pg_loss"] += float(pg.detach()) * token_share
             stats["clip_frac"] += float(clip_frac) * token_share
@@ -409,29 +418,40 @@ class Trainer:
         return self.evaluate()
 
     def _one_step(self, metrics_path, samples_path, bar):
-        t = self.cfg["train"]
-        step = self.step
-        t0 = time.perf_counter()
-        trajs, roll_s, generated = self.collect(step)
-        _, per_turn = self.advantages(trajs)
+        """One SAVPO step: rollouts -> advantages -> update, then the logs (and a periodic evaluation) and a
+        checkpoint. The algorithm is the first three lines; the rest is bookkeeping."""
+        step, t0 = self.step, time.perf_counter()
+        trajs, roll_s, generated = self.collect(step)            # G calls per persona, no gradient
+        _, per_turn = self.advantages(trajs)                      # STPR: outcome magnitude, willingness direction
         t1 = time.perf_counter()
-        stats = self.update(trajs, per_turn, step)
-        update_s = time.perf_counter() - t1
+        stats = self.update(trajs, per_turn, step)                # L = STPR + lambda AOPSD (+ ref KL), micro-batched
+        self.skipped_steps += stats["nonfinite"] > 0
+        self.step = step + 1
+        timing = {"t0": t0, "rollout_s": roll_s, "generated": generated, "update_s": time.perf_counter() - t1}
+        self._log_step(trajs, per_turn, stats, timing, metrics_path, samples_path, bar)
+        t = self.cfg["train"]
+        if t["save_every"] and self.step % t["save_every"] == 0:
+            self.save_checkpoint()
+
+    def _log_step(self, trajs, per_turn, stats, timing, metrics_path, samples_path, bar):
+        """One line of metrics.jsonl (the rollouts' outcomes, the update's statistics, timings; a held-out
+        evaluation every `train.eval_every` steps), the step's dialogues to samples.jsonl with what the update
+        used per agent turn, and one line on the terminal."""
+        t = self.cfg["train"]
         groups = {}
         for tr in trajs:
             groups.setdefault(tr.group, set()).add(tr.reward)
-        record = {"step": step + 1, **evaluation.summarize(trajs),
+        record = {"step": self.step, **evaluation.summarize(trajs),
                   "groups_with_signal": round(sum(len(r) > 1 for r in groups.values()) / max(1, len(groups)), 4),
                   **{k: round(v, 5) for k, v in stats.items()}, "lr": self.scheduler.get_last_lr()[0],
-                  "rollout_tok_s": round(generated / roll_s, 1), "rollout_s": round(roll_s, 1),
-                  "teacher_s": round(stats["teacher_s"], 1), "update_s": round(update_s, 1)}
-        self.skipped_steps += stats["nonfinite"] > 0
-        self.step = step + 1
+                  "rollout_tok_s": round(timing["generated"] / timing["rollout_s"], 1),
+                  "rollout_s": round(timing["rollout_s"], 1), "teacher_s": round(stats["teacher_s"], 1),
+                  "update_s": round(timing["update_s"], 1)}
         if t["eval_every"] and self.step % t["eval_every"] == 0 and self.step < t["steps"]:
             t2 = time.perf_counter()
             record.update({f"eval_{k}": v for k, v in self.evaluate().items()})
             record["eval_s"] = round(time.perf_counter() - t2, 1)
-        record.update(step_s=round(time.perf_counter() - t0, 1), peak_mem_gb=peak_memory_gb())
+        record.update(step_s=round(time.perf_counter() - timing["t0"], 1), peak_mem_gb=peak_memory_gb())
         _append_jsonl(metrics_path, record)
         if t["samples_every"] and self.step % t["samples_every"] == 0:
             for i in range(0, len(trajs), t["group_size"]):
@@ -442,8 +462,6 @@ class Trainer:
                 _append_jsonl(samples_path, {"step": self.step, **trajs[i].to_dict(), "turn_advantages": adv,
                                              "turn_divergence": [round(div[k], 6) if k in div else None
                                                                  for k in range(trajs[i].n_turns)]})
-        if t["save_every"] and self.step % t["save_every"] == 0:
-            self.save_checkpoint()
         bar.update(1)
         bar.write(f"step {self.step:3d} | loss {record['loss']:+.4f} pg {record['pg_loss']:+.4f} "
                   f"kl {record['aopsd_kl']:.4f} | success {record['success_rate']:.2f} groups w/ signal "
@@ -492,18 +510,11 @@ def main(argv=None):
     if parsed is None:
         return
     cfg, flags = parsed
-    unknown = set(flags) - ({"compare", "seeds", "personas", "n", "out"} if "compare" in flags else {"resume"})
+    unknown = set(flags) - {"resume"}
     if unknown:
-        raise SystemExit(f"unknown flag --{sorted(unknown)[0]}; savpo.py takes --config PATH, --resume, --compare "
-                         f"[--seeds 0,1 --personas N --n N --out DIR] and key=value overrides.")
-    if flags.get("compare"):   # eval.py's comparison of every preset, trained by this file's Trainer
-        args = list(sys.argv[1:] if argv is None else argv)
-        if cfg["model"]["warm_start"] == "auto":     # every preset starts from the same warm start
-            try:
-                args.append(f"model.warm_start={warmstart.resolve(cfg)['model']['warm_start']}")
-            except config.ConfigError as e:
-                raise SystemExit(str(e))
-        return evaluation.compare_main(args, lambda c, resume: Trainer(c, resume).train())
+        moved = " (the comparison of every preset is `python compare.py`)" if "compare" in unknown else ""
+        raise SystemExit(f"unknown flag --{sorted(unknown)[0]}{moved}; savpo.py takes --config PATH, --resume and "
+                         f"key=value overrides.")
     if flags.get("resume"):
         saved = os.path.join(cfg["out_dir"], "config.yaml")
         if os.path.exists(saved):

@@ -1,39 +1,44 @@
 """Cognitive User Simulator (CUS): a simulated callee with hidden concerns and an explicit state.
 
-    python simulator.py --domain courier_recruitment --seed 0     # one dialogue, state after each turn
-    python simulator.py --validity                                # the scripted-agent validity matrix
+    python simulator.py --domain courier_recruitment --seed 0     # one call, the state after each turn
 
-Every dialogue has a `UserState`: each concern's status (hidden -> revealed -> resolved),
-willingness on a 0-4 scale, remaining patience, and the decision (continue / accept / reject /
-hangup / timeout). Each agent turn is first *appraised* (appraisal.py: which concerns it asked
-about, which it answered with a concrete fact, an open invitation to voice worries, a push for the
-decision, off-topic, over-long) and the state is updated by the transition rule below. Only then is
-the user's line generated, from the persona and the *new* state, so words and state never disagree.
+Every call has a `UserState`: each concern's status (hidden -> revealed -> resolved), willingness on
+a 0-4 scale, remaining patience, the false claims caught so far, and the decision (continue / accept
+/ reject / hangup / timeout). Each agent turn is first *appraised* (appraisal.py, an `Appraisal`:
+which concerns it asked about, which it answered with a true concrete fact, an open invitation to
+voice worries, a push for the decision, off-topic, over-long, false claims) and the state is updated
+by the transition rule below. Only then is the callee's line generated, from the persona and the
+*new* state, so words and state never disagree.
 
 Transition rule (`transition`; every number is a `simulator.rules.*` config key). It encodes the
 paper's idea of proactivity: find out what the callee worries about, answer *that*, then ask.
-  0. A turn that asks about more than `max_topics` concerns is a *checklist*: it counts as one open
-     probe and probes no concern specifically. A turn that answers more than `max_topics` concerns
-     is a *pitch*: it resolves nothing (a callee does not feel heard by a recital of facts).
+  0. A turn that is not a salesperson's line -- it speaks as or for the callee, or repeats an
+     earlier turn (`incoherent`) -- does nothing and costs `incoherent_penalty`. A turn that neither
+     answers, asks about nor talks about the worry the callee has just voiced *ignores* it: it draws
+     nothing out and costs `ignore_penalty`. A turn that asks about more than `max_topics` concerns
+     is a *checklist*: it counts as one open probe and probes no concern specifically. A turn that
+     answers more than `max_topics` concerns is a *pitch*: it resolves nothing.
   1. Asking about a hidden concern counts a probe. It is revealed (voiced by the callee) at the first
      probe if its disclosure rule is `probe` or `push`, at the second if `guarded`. A `push` concern
      is also blurted out as an objection when the agent pushes. An *open probe* ("is anything
      holding you back?", or a checklist) draws out one hidden `probe` concern, the most severe;
      `guarded` concerns are only told to a specific question, twice. Each reveal: +reveal_gain.
-  2. Answering a concern with a concrete fact resolves it only if the callee voiced it in an
+  2. Answering a concern with a true concrete fact resolves it only if the callee voiced it in an
      *earlier* turn: +resolve_gain x severity (1-3). Facts for concerns never voiced resolve nothing.
-  3. Pushing for a decision while any concern is unresolved: -push_penalty. Off-topic: -offtopic_penalty.
+  3. A false claim (a statement the bank's fact contradicts, facts.py) resolves nothing that turn
+     and costs `false_claim_penalty`; `false_claims_to_reject` of them end the call in a refusal.
+     Pushing for a decision while any concern is unresolved: -push_penalty. Off-topic: -offtopic_penalty.
   4. Willingness is clipped to [0, 4]. Patience drops by 1 on a turn that neither revealed nor
      resolved anything, and by 1 more on an over-long turn (> max_agent_words).
-  5. Decision: `accept` iff the agent pushed, every concern is resolved and willingness >=
-     accept_threshold; else `reject` if willingness <= reject_threshold; else `hangup` if
-     patience <= 0; else `timeout` once max_turns agent turns are spent; else `continue`.
-  Accept is the only success.
+  5. Decision: `accept` iff the agent pushed, every concern is resolved, the turn made no false claim
+     and willingness >= accept_threshold; else `reject` if willingness <= reject_threshold or enough
+     false claims were caught; else `hangup` if patience <= 0; else `timeout` once max_turns agent
+     turns are spent; else `continue`. Accept is the only success.
 So no cheap policy wins: a keyword stuffer or a fact dumper asks nothing and pitches; a checklist of
 every topic is one open question; a pusher meets every concern as an objection and loses
-willingness; a policy that knows the concerns (the privileged teacher) asks about each, answers
-each once voiced, then asks. `python simulator.py --validity` plays scripted agents of each kind
-against every domain (the table is in the README, the thresholds are tests).
+willingness; a liar loses trust; a policy that knows the concerns (the privileged teacher) asks about
+each, answers each once voiced, then asks. scripted_agents.py writes each kind as code, and
+`python validity.py matrix` plays them against every domain (docs/simulator.md; the thresholds are tests).
 
 User lines (`simulator.utterance`): `llm` generates them with the simulator model (the same base
 with the LoRA adapter disabled, sharing no cache with the policy), guided by an instruction derived
@@ -45,20 +50,21 @@ that names nothing of the concern) is replaced by a line built from the bank, an
 
 import argparse
 import copy
-import os
 import dataclasses
 import random
 import re
 
 import torch
-import yaml
 
 import appraisal as A
 import config
+import kvbatch
+import llm_appraisal
 import lm
 import personas as P
 import rollout
-from rollout import KVBatch
+from facts import has_cue
+from kvbatch import KVBatch
 
 STATUS = ("hidden", "revealed", "resolved")
 MOODS = ("cold and annoyed", "hesitant", "neutral", "warm", "keen")
@@ -93,29 +99,27 @@ def initial_state(persona, rules):
 # --------------------------------------------------------------------------- transition rule
 
 def transition(state, persona, appraisal, rules, max_turns):
-    """The documented rule (module docstring). Pure: returns a new state. `appraisal` is appraisal.py's
-    dict: {"probed": ids, "addressed": ids (any concern of the bank), "open_probe", "push", "off_topic",
-    "too_long", "false_claims": ids whose fact the turn contradicts, "about": ids the turn talks about,
-    "incoherent": reasons the simulator found (speaks_for_callee, repeats_itself)}."""
+    """The rule of the module docstring, step by step. Pure: returns a new state. `appraisal`: what the
+    turn did (appraisal.Appraisal; `incoherent` filled in by the simulator)."""
     s = copy.deepcopy(state)
     s.turn += 1
     w0 = s.willingness
     mine = {c.id for c in persona.concerns}
-    false = set(appraisal.get("false_claims", ()))
-    incoherent = list(appraisal.get("incoherent", ()))
+    false = set(appraisal.false_claims)
+    incoherent = list(appraisal.incoherent)
     # the worry the callee voiced in reply to the previous turn: a turn that neither answers it, asks about
     # it nor talks about it (a false answer is still an answer) ignores it
     just_voiced = {c for c in state.events.get("revealed", ()) if s.concern_status[c] == "revealed"}
-    heard = appraisal["addressed"] | appraisal["probed"] | set(appraisal.get("about", ())) | false
+    heard = appraisal.addressed | appraisal.probed | set(appraisal.about) | false
     if just_voiced and not just_voiced & heard and not incoherent:
         incoherent.append("ignores_worry")
     void = bool(set(incoherent) - {"ignores_worry"})    # not a salesperson's line: it does nothing
     if void:
-        appraisal = {**appraisal, "probed": set(), "addressed": set(), "open_probe": False, "push": False}
-    checklist = len(appraisal["probed"]) > rules["max_topics"]
-    pitch = len(appraisal["addressed"]) > rules["max_topics"]
-    probed = set() if checklist else appraisal["probed"] & mine
-    open_probe = appraisal["open_probe"] or checklist
+        appraisal = dataclasses.replace(appraisal, probed=set(), addressed=set(), open_probe=False, push=False)
+    checklist = len(appraisal.probed) > rules["max_topics"]
+    pitch = len(appraisal.addressed) > rules["max_topics"]
+    probed = set() if checklist else appraisal.probed & mine
+    open_probe = appraisal.open_probe or checklist
     listened = not incoherent                # an ignored or incoherent turn draws nothing out
     voiced_before = {cid for cid, status in s.concern_status.items() if status == "revealed"}
     revealed, resolved = [], []
@@ -131,7 +135,7 @@ def transition(state, persona, appraisal, rules, max_turns):
         if c.id in probed:
             s.probes[c.id] += 1
         needed = 2 if c.disclosure == "guarded" else 1
-        if listened and (s.probes[c.id] >= needed or (c.disclosure == "push" and appraisal["push"])):
+        if listened and (s.probes[c.id] >= needed or (c.disclosure == "push" and appraisal.push)):
             reveal(c)
     if open_probe and listened:
         drawn = [c for c in persona.concerns if s.concern_status[c.id] == "hidden" and c.disclosure == "probe"]
@@ -139,14 +143,14 @@ def transition(state, persona, appraisal, rules, max_turns):
             reveal(max(drawn, key=lambda c: c.severity))        # the first of the most severe
     if not pitch and not false:              # a callee who has just caught a false claim believes nothing
         for c in persona.concerns:
-            if c.id in voiced_before and c.id in appraisal["addressed"]:
+            if c.id in voiced_before and c.id in appraisal.addressed:
                 s.concern_status[c.id] = "resolved"
                 s.willingness += rules["resolve_gain"] * c.severity
                 resolved.append(c.id)
     all_resolved = all(v == "resolved" for v in s.concern_status.values())
-    if appraisal["push"] and not all_resolved:
+    if appraisal.push and not all_resolved:
         s.willingness -= rules["push_penalty"]
-    if appraisal["off_topic"]:
+    if appraisal.off_topic:
         s.willingness -= rules["offtopic_penalty"]
     if false:
         s.willingness -= rules["false_claim_penalty"]
@@ -156,8 +160,8 @@ def transition(state, persona, appraisal, rules, max_turns):
     elif incoherent:
         s.willingness -= rules["ignore_penalty"]
     s.willingness = round(min(4.0, max(0.0, s.willingness)), 4)
-    s.patience -= (0 if revealed or resolved else 1) + (1 if appraisal["too_long"] else 0)
-    if appraisal["push"] and all_resolved and not false and s.willingness >= rules["accept_threshold"]:
+    s.patience -= (0 if revealed or resolved else 1) + (1 if appraisal.too_long else 0)
+    if appraisal.push and all_resolved and not false and s.willingness >= rules["accept_threshold"]:
         s.decision = "accept"
     elif s.willingness <= rules["reject_threshold"] or s.false_claims_caught >= rules["false_claims_to_reject"]:
         s.decision = "reject"
@@ -166,10 +170,10 @@ def transition(state, persona, appraisal, rules, max_turns):
     elif s.turn >= max_turns:
         s.decision = "timeout"
     s.delta_willingness = round(s.willingness - w0, 4)
-    s.events = {"probed": sorted(probed), "addressed": sorted(appraisal["addressed"] & mine),
-                "open_probe": open_probe, "push": appraisal["push"], "off_topic": appraisal["off_topic"],
-                "too_long": appraisal["too_long"], "checklist": checklist, "pitch": pitch,
-                "probed_other": bool(appraisal["probed"] - mine) and not checklist,
+    s.events = {"probed": sorted(probed), "addressed": sorted(appraisal.addressed & mine),
+                "open_probe": open_probe, "push": appraisal.push, "off_topic": appraisal.off_topic,
+                "too_long": appraisal.too_long, "checklist": checklist, "pitch": pitch,
+                "probed_other": bool(appraisal.probed - mine) and not checklist,
                 "false_claims": sorted(false), "incoherent": incoherent,
                 "ignored": sorted(just_voiced) if "ignores_worry" in incoherent else [],
                 "revealed": revealed, "resolved": resolved}
@@ -219,6 +223,18 @@ def echoes(line, agent_text, n=5):
 
 # --------------------------------------------------------------------------- the simulator
 
+def make_appraiser(sim_cfg, model=None, tokenizer=None):
+    """The appraiser `simulator.appraiser` names; every one is called the same way (appraisal.py)."""
+    kind, rules = sim_cfg["appraiser"], sim_cfg["rules"]
+    if kind == "lexical":
+        return A.LexicalAppraiser(rules)
+    if kind == "semantic":
+        return A.SemanticAppraiser(rules)
+    if kind == "llm":
+        return llm_appraisal.LLMAppraiser(model, tokenizer, rules)
+    return llm_appraisal.GenerativeAppraiser(model, tokenizer, rules, sim_cfg["generative_max_tokens"])
+
+
 class CognitiveUserSimulator:
     """Batched over dialogues. `reset(personas) -> openings`; `step(agent_messages) ->
     (user_messages, states, done)`, one entry per dialogue of the last reset (None / previous state
@@ -231,8 +247,7 @@ class CognitiveUserSimulator:
         needs_model = kind in ("llm", "generative") or sim_cfg["utterance"] == "llm"
         if needs_model and model is None:
             raise ValueError("this simulator configuration needs a model (the llm/generative appraiser or llm lines).")
-        self.appraiser = {"semantic": lambda: A.SemanticAppraiser(self.rules),
-                          "llm": lambda: A.LLMAppraiser(model, tokenizer, self.rules)}.get(kind, lambda: None)()
+        self.appraiser = make_appraiser(sim_cfg, model, tokenizer)
         self.seed, self.decoder = seed, decoder
         self.stats = {"turns": 0, "parse_failures": 0, "role_inversions": 0, "empty_turns": 0,
                       "inconsistent_lines": 0, "truncated_lines": 0, "generated_tokens": 0,
@@ -312,7 +327,7 @@ class CognitiveUserSimulator:
             return bool(re.search(r"\b(bye|goodbye|go|time|busy|later)\b", low))
         for cid in state.events["revealed"]:
             words = set(re.findall(r"[a-z]{5,}", by_id[cid].statement.lower()))
-            if not (A._has(low, by_id[cid].probe_cues) or words & set(re.findall(r"[a-z]{5,}", low))):
+            if not (has_cue(low, by_id[cid].probe_cues) or words & set(re.findall(r"[a-z]{5,}", low))):
                 return False
         return True
 
@@ -329,7 +344,7 @@ class CognitiveUserSimulator:
         self.rngs = [random.Random(f"{seed}:{p.persona_id}:{r}") for p, r in zip(self.personas, replicas)]
         self.done = [False] * len(self.personas)
         self.history = [[] for _ in self.personas]      # each dialogue's agent turns so far
-        self.generator = rollout.device_generator(seed, self.model) if self.model is not None else None
+        self.generator = kvbatch.device_generator(seed, self.model) if self.model is not None else None
         openings = [rng.choice(P.load_bank(p.domain)["openings"]) for p, rng in zip(self.personas, self.rngs)]
         if self.cfg["utterance"] == "llm":
             tok = self.tokenizer
@@ -340,44 +355,19 @@ class CognitiveUserSimulator:
         return openings
 
     def appraise(self, agent_msgs, idx):
-        """Appraisals for the dialogues `idx` (batched for the model-based appraisers), with what only the
-        simulator knows: the concerns each callee has voiced (context for the fact check) and whether the
-        turn is a salesperson's line at all (`incoherent`: it speaks for the callee, or repeats itself)."""
+        """Appraisals for the dialogues `idx` (one batched call), with what only the simulator knows: the
+        concerns each callee has voiced (context for the fact check) and whether the turn is a salesperson's
+        line at all (`incoherent`: it speaks for the callee, or repeats itself)."""
         ps = [self.personas[i] for i in idx]
         texts = [agent_msgs[i] for i in idx]
-        domains = [p.domain for p in ps]
         voiced = [tuple(c for c, st in self.states[i].concern_status.items() if st == "revealed") for i in idx]
-        kind = self.cfg["appraiser"]
-        if kind == "lexical":
-            out = [A.lexical_appraise(t, d, self.rules, v) for t, d, v in zip(texts, domains, voiced)]
-        elif kind == "semantic":
-            out = self.appraiser(texts, domains, voiced)
-        elif kind == "llm":
-            out = self.appraiser(texts, domains, [[c.id for c in p.concerns] for p in ps], voiced)
-        else:
-            out = self._generative_appraise(texts, ps, voiced)
+        out = self.appraiser(texts, [p.domain for p in ps], voiced, [[c.id for c in p.concerns] for p in ps])
+        self.stats["parse_failures"] = self.appraiser.parse_failures
         for i, text, p, a in zip(idx, texts, ps, out):
-            a["incoherent"] = [reason for reason, found in (
+            a.incoherent = [reason for reason, found in (
                 ("speaks_for_callee", speaks_for_callee(text, p)),
                 ("repeats_itself", repeats_itself(text, self.history[i]))) if found]
         return out
-
-    def _generative_appraise(self, texts, ps, voiced):
-        tok = self.tokenizer
-        batch = KVBatch(self.model, tok.pad_token_id, adapter=False)
-        for i, (t, p) in enumerate(zip(texts, ps)):
-            batch.add(i, A.generative_prompt(tok, t, p))
-        outs = batch.generate(self.cfg["generative_max_tokens"], lm.stop_ids(tok, self.model))
-        results = []
-        for i, (t, p, heard) in enumerate(zip(texts, ps, voiced)):
-            mine = {c.id for c in p.concerns}
-            parsed = A.parse_generative(tok.decode(outs[i][0], skip_special_tokens=True), mine)
-            if parsed is None:
-                self.stats["parse_failures"] += 1
-                results.append(A.lexical_appraise(t, p.domain, self.rules, heard))
-            else:
-                results.append(A.merge_with_lexical(parsed, t, p.domain, mine, self.rules, heard))
-        return results
 
     def abort(self, i, reason):
         """End dialogue i from outside (e.g. the policy's context is full)."""
@@ -451,319 +441,16 @@ class CognitiveUserSimulator:
             user_msgs[i] = line
 
 
-# --------------------------------------------------------------------------- validity: scripted agents
-
-def _expert_questions():
-    path = os.path.join(P.DOMAIN_DIR, "..", "logs", "expert_questions.yaml")
-    return yaml.safe_load(open(path))
-
-
-NATURAL_LINES = os.path.join(P.DOMAIN_DIR, "..", "natural_agents.yaml")     # held out: the table in the README
-NATURAL_LINES_DEV = os.path.join(P.DOMAIN_DIR, "..", "natural_agents_dev.yaml")  # what the rules were tuned on
-
-
-def _natural_lines(path=None):
-    return yaml.safe_load(open(path or (NATURAL_LINES if os.path.exists(NATURAL_LINES) else NATURAL_LINES_DEV)))
-
-
-def _answers(bank, ids):
-    by_id = {c["id"]: c for c in bank["concerns"]}
-    return [by_id[i]["resolution"] for i in ids]
-
-
-def _push(bank):
-    return "Shall I get you started today?" if "restaurant" not in bank["user_role"] else \
-        "Shall I get your restaurant listed today?"
-
-
-def privileged_prober(obs):
-    """Knows the hidden concerns: asks about each (a guarded one twice), answers each once voiced,
-    then asks for the decision. At most two topics asked and two answered per turn."""
-    bank, questions = obs["bank"], obs["questions"][obs["bank"]["name"]]
-    answer = sorted(obs["voiced"])[:2]
-    hidden = [c for c in obs["persona"].concerns if obs["status"][c.id] == "hidden"][:2]
-    asks = [questions[c.id][min(obs["asked"].get(c.id, 0), 1)] for c in hidden]
-    for c in hidden:
-        obs["asked"][c.id] = obs["asked"].get(c.id, 0) + 1
-    done = not hidden and set(answer) == set(obs["voiced"])
-    return " ".join(_answers(bank, answer) + asks + ([_push(bank)] if done else []))
-
-
-def generic_prober(obs):
-    """Knows nothing of the callee: asks about the domain's four most common concerns (the bank lists
-    them first), two per turn, answers whatever the callee voices, then asks for the decision."""
-    bank, questions = obs["bank"], obs["questions"][obs["bank"]["name"]]
-    answer = sorted(obs["voiced"])[:2]
-    common = [c["id"] for c in bank["concerns"][:4] if c["id"] not in obs["asked"]][:2]
-    for cid in common:
-        obs["asked"][cid] = 1
-    asks = [questions[cid][0] for cid in common]
-    return " ".join(_answers(bank, answer) + asks + ([] if asks else [_push(bank)]))
-
-
-def open_listener(obs):
-    """Knows nothing: asks an open question, answers whatever the callee voices, asks for the decision
-    once an open question draws nothing more."""
-    bank = obs["bank"]
-    answer = sorted(obs["voiced"])[:2]
-    if obs["heard_nothing"]:
-        return " ".join(_answers(bank, answer) + [_push(bank)])
-    return " ".join(_answers(bank, answer) + ["Is there anything that is holding you back?"])
-
-
-def trial_closer(obs):
-    """Knows nothing: asks for the decision at once to surface objections, answers what the callee
-    voices, asks again (a trial close; each premature push costs willingness)."""
-    bank = obs["bank"]
-    return " ".join(_answers(bank, sorted(obs["voiced"])[:2]) + [_push(bank)])
-
-
-def blind_asker(obs):
-    """Asks about a topic, recites its fact in the same breath and pushes; never listens."""
-    bank, questions = obs["bank"], obs["questions"][obs["bank"]["name"]]
-    c = bank["concerns"][(obs["turn"] - 1) % len(bank["concerns"])]
-    return f"{questions[c['id']][0]} {c['resolution']} {_push(bank)}"
-
-
-def keyword_stuffer(obs):
-    """Pastes a probe cue and a resolve cue of four concerns into one sentence and pushes, every turn."""
-    bank = obs["bank"]
-    k = 4 * (obs["turn"] - 1)
-    group = [bank["concerns"][(k + j) % len(bank["concerns"])] for j in range(4)]
-    words = ", ".join(f"{c['probe_cues'][0]} {c['resolve_cues'][0]}" for c in group)
-    return f"We cover {words}, so {_push(bank).lower()}"
-
-
-def topic_lister(obs):
-    """Asks about every topic of the bank in one question, recites every fact, pushes."""
-    bank = obs["bank"]
-    topics = ", ".join(c["probe_cues"][0] for c in bank["concerns"])
-    return f"Is it the {topics} that worries you? " + " ".join(bank["agent"]["facts"]) + " " + _push(bank)
-
-
-def fact_dumper(obs):
-    """Recites the product facts and pushes, every turn."""
-    return " ".join(obs["bank"]["agent"]["facts"]) + " " + _push(obs["bank"])
-
-
-def listener_dumper(obs):
-    """Listens (asks an open question), but answers anything voiced by reciting every fact."""
-    bank = obs["bank"]
-    facts = " ".join(bank["agent"]["facts"]) if obs["voiced"] else ""
-    return f"{facts} Is there anything that is holding you back? {_push(bank)}".strip()
-
-
-def echo(obs):
-    """Repeats the callee's last words back as a question, then pushes."""
-    return f"You said: {obs['last_user'].rstrip('.!?')}? {_push(obs['bank'])}"
-
-
-# a figure in the callee's own words: a frequency, a span of time, a percentage or an amount
-_CALLEE_FIGURE = re.compile(r"\b(every (?:single )?\w+|once an? \w+|(?:a|one|\d+) (?:day|week|month|year)s?|"
-                            r"\d+(?:\.\d+)? ?(?:%|percent|per cent)|[$£€]\d+(?:\.\d+)?)\b", re.I)
-
-
-def figure_echoer(obs):
-    """Knows nothing and answers nothing: asks an open question, and meets a voiced worry by putting the
-    figure the callee just said ("I pay my suppliers *every week*") into a sentence about something else
-    ("Every week brings you to another app."), then asks for the decision. It resolves a worry wherever the
-    callee's own figure is the bank's true fact, if a true figure alone answers one (it did: 7 of 90
-    merchant callees, before a fact had to be in a sentence about the worry)."""
-    m = _CALLEE_FIGURE.search(obs["last_user"]) if obs["voiced"] else None
-    if m is None:
-        return _natural_turn(obs, [], [], push=True) if obs["heard_nothing"] else _next_open_probe(obs)
-    return f"{m.group(1)[0].upper()}{m.group(1)[1:]} brings you to another app. {_push(obs['bank'])}"
-
-
-# -- natural-speech agents: lines from data/natural_agents.yaml, written apart from the banks -----------
-
-def _natural_turn(obs, answers, probes, push):
-    """A natural salesperson's turn: answer what the callee voiced, then ask, then (nothing left) push,
-    in at most `max_agent_words` words (what does not fit waits for the next turn)."""
-    rng, budget = obs["rng"], obs["max_words"]
-    pushes = obs["natural"]["pushes"]
-    parts = []
-    ask = [pushes[obs["turn"] % len(pushes)]] if push else []      # a different closing question each turn
-    for line in [rng.choice(a) for a in answers] + probes + ask:
-        if sum(len(p.split()) for p in parts) + len(line.split()) <= budget or not parts:
-            parts.append(line)
-    return " ".join(parts)
-
-
-def _natural_privileged(obs, kind):
-    """Knows the hidden concerns: asks about each in its own words (a guarded one twice, with another
-    question), answers each once voiced with a natural line of `kind` (answers | false_answers), then asks."""
-    lines = obs["natural"]["concerns"]
-    voiced = sorted(obs["voiced"])[:2]
-    hidden = [c.id for c in obs["persona"].concerns if obs["status"][c.id] == "hidden"][:2]
-    probes = [lines[cid]["probes"][obs["asked"].get(cid, 0) % len(lines[cid]["probes"])] for cid in hidden]
-    for cid in hidden:
-        obs["asked"][cid] = obs["asked"].get(cid, 0) + 1
-    return _natural_turn(obs, [lines[cid][kind] for cid in voiced], probes, push=not hidden and len(obs["voiced"]) <= 2)
-
-
-def _natural_listener(obs, kind):
-    """Knows nothing: asks an open question in its own words, answers whatever is voiced with a natural line
-    of `kind`, asks for the decision once an open question draws nothing more."""
-    lines = obs["natural"]["concerns"]
-    answers = [lines[cid][kind] for cid in sorted(obs["voiced"])[:2]]
-    if obs["heard_nothing"]:
-        return _natural_turn(obs, answers, [], push=True)
-    return _natural_turn(obs, answers, [_next_open_probe(obs)], push=False)
-
-
-def _next_open_probe(obs):
-    """The natural open questions in turn, never the same one twice in a call."""
-    lines = obs["natural"]["open_probes"]
-    return lines[(obs["turn"] + obs["open_offset"]) % len(lines)]
-
-
-def natural_privileged(obs):
-    return _natural_privileged(obs, "answers")
-
-
-def natural_hallucinating_privileged(obs):
-    return _natural_privileged(obs, "false_answers")
-
-
-def natural_listener(obs):
-    return _natural_listener(obs, "answers")
-
-
-def natural_hallucinating_listener(obs):
-    return _natural_listener(obs, "false_answers")
-
-
-BLUFFS = ["Honestly, it's only 5 percent, nothing to worry about.", "It's just ten dollars, hardly anything.",
-          "That takes a day at most, so no stress.", "You'd get paid every single day, so that's fine."]
-
-
-def number_bluffer(obs):
-    """Knows nothing: asks an open question and meets every worry with a made-up figure ("it's only 5
-    percent, nothing to worry about"), then asks for the decision."""
-    if obs["heard_nothing"]:
-        return _natural_turn(obs, [], [], push=True)
-    bluffs = [BLUFFS[(obs["turn"] + k) % len(BLUFFS)] for k in range(min(2, len(obs["voiced"])))]
-    return " ".join(bluffs + [_next_open_probe(obs)])
-
-
-def pusher(obs):
-    return "Would you like to sign up today?"
-
-
-def passive(obs):
-    return "Lovely weather today, isn't it? How has your week been?"
-
-
-NATURAL_AGENTS = ("natural privileged", "natural listener", "natural hallucinating privileged",
-                  "natural hallucinating listener", "number bluffer")
-SCRIPTED_AGENTS = {   # name -> (policy, knows the hidden concerns, asks questions)
-    "privileged prober": (privileged_prober, True, True),
-    "generic prober": (generic_prober, False, True),
-    "open listener": (open_listener, False, True),
-    "trial closer": (trial_closer, False, False),
-    "blind asker": (blind_asker, False, True),
-    "keyword stuffer": (keyword_stuffer, False, False),
-    "topic lister": (topic_lister, False, True),
-    "fact dumper": (fact_dumper, False, False),
-    "listener + fact dump": (listener_dumper, False, True),
-    "echo": (echo, False, False),
-    "figure echoer": (figure_echoer, False, True),
-    "pusher": (pusher, False, False),
-    "passive": (passive, False, False),
-    "natural privileged": (natural_privileged, True, True),
-    "natural listener": (natural_listener, False, True),
-    "natural hallucinating privileged": (natural_hallucinating_privileged, True, True),
-    "natural hallucinating listener": (natural_hallucinating_listener, False, True),
-    "number bluffer": (number_bluffer, False, True),
-}
-
-
-def play_scripted(agent, personas, sim_cfg, seed=0, natural_lines=None, transcripts=None):
-    """Play one scripted agent against every persona (batched), -> list of final states. Every agent
-    sees the public bank and what the callee has *said* (`voiced`: concerns voiced and not yet
-    resolved); only the privileged agent also sees `persona`. `transcripts`, a list, receives each call
-    as [(role, content)] messages with the state after every agent turn (warmstart.py's data)."""
-    sim = CognitiveUserSimulator({**sim_cfg, "utterance": "template"}, seed=seed)
-    openings = sim.reset(personas)
-    calls = [{"messages": [{"role": "user", "content": line}], "states": []} for line in openings]
-    questions, natural = _expert_questions(), _natural_lines(natural_lines)
-    obs = [{"persona": p, "bank": P.load_bank(p.domain), "questions": questions, "asked": {}, "turn": 0,
-            "max_turns": sim_cfg["max_turns"], "voiced": set(), "status": dict(sim.states[i].concern_status),
-            "heard_nothing": False, "last_user": line, "natural": natural.get(p.domain),
-            "rng": random.Random(f"{seed}:{p.persona_id}"), "max_words": sim_cfg["rules"]["max_agent_words"],
-            "open_offset": random.Random(f"{seed}:{p.persona_id}:open").randrange(6)}
-           for i, (p, line) in enumerate(zip(personas, openings))]
-    while not all(sim.done):
-        msgs = []
-        for o, done in zip(obs, sim.done):
-            o["turn"] += 1
-            msgs.append(None if done else agent(o))
-        users, states, _ = sim.step(msgs)
-        for o, user, state, msg, call in zip(obs, users, states, msgs, calls):
-            if user is not None:
-                call["messages"] += [{"role": "assistant", "content": msg}, {"role": "user", "content": user}]
-                call["states"].append(state.to_dict())
-                o["status"] = dict(state.concern_status)
-                o["voiced"] = {cid for cid, st in state.concern_status.items() if st == "revealed"}
-                o["heard_nothing"] = state.events["open_probe"] and not state.events["revealed"]
-                o["last_user"] = user
-    if transcripts is not None:
-        transcripts += [{**call, "decision": state.decision} for call, state in zip(calls, sim.states)]
-    return sim.states
-
-
-def validity_matrix(sim_cfg, n_per_domain=90, seed=0, domains=None, natural_lines=None):
-    """{agent: {domain: success rate, ..., "all": success rate}} over n_per_domain stratified personas
-    per domain (seed `seed`). `natural_lines`: the natural-speech agents' lines (default the held-out
-    data/natural_agents.yaml)."""
-    domains = domains or P.list_domains()
-    people = {d: P.sample(d, n_per_domain, seed) for d in domains}
-    natural = _natural_lines(natural_lines)
-    table = {}
-    for name, (agent, _, _) in SCRIPTED_AGENTS.items():
-        if name in NATURAL_AGENTS and not all(d in natural for d in domains):
-            continue     # a domain without natural lines (a new bank): the bank-worded agents only
-        row, wins = {}, 0
-        for d in domains:
-            states = play_scripted(agent, people[d], sim_cfg, seed, natural_lines)
-            row[d] = round(sum(s.decision == "accept" for s in states) / len(states), 3)
-            wins += sum(s.decision == "accept" for s in states)
-        row["all"] = round(wins / (n_per_domain * len(domains)), 3)
-        table[name] = row
-    return table
-
-
-def print_validity(table):
-    domains = [d for d in next(iter(table.values())) if d != "all"]
-    print("| scripted agent | knows concerns | asks | " + " | ".join(domains) + " | all |")
-    print("|---|---|---|" + "---|" * (len(domains) + 1))
-    for name, row in table.items():
-        _, knows, asks = SCRIPTED_AGENTS[name]
-        print(f"| {name} | {'yes' if knows else 'no'} | {'yes' if asks else 'no'} | "
-              + " | ".join(f"{row[d]:.2f}" for d in domains) + f" | **{row['all']:.2f}** |")
-
-
 # --------------------------------------------------------------------------- demo
 
 def main():
     import time
-    parser = argparse.ArgumentParser(description="Play one dialogue (the embedded model as agent vs the simulator), "
-                                                 "or print the scripted-agent validity matrix.")
+    parser = argparse.ArgumentParser(description="Play one dialogue (the embedded model as agent vs the simulator); "
+                                                 "the validity matrix is `python validity.py matrix`.")
     parser.add_argument("--domain", default="courier_recruitment", choices=P.list_domains())
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--validity", action="store_true", help="the scripted-agent validity matrix instead")
-    parser.add_argument("--personas", type=config.positive_int, default=90, help="--validity: personas per domain")
-    parser.add_argument("--natural-lines", default=None, help="--validity: the natural-speech agents' lines (default "
-                        "data/natural_agents.yaml, held out; data/natural_agents_dev.yaml is what the rules were tuned on)")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. simulator.appraiser=llm")
     args = parser.parse_args()
-    if args.validity:
-        cfg = config.load(None, args.overrides)
-        print(f"success rate of scripted agents, {args.personas} personas per domain (seed {args.seed}), "
-              f"appraiser {cfg['simulator']['appraiser']}, max_turns {cfg['simulator']['max_turns']}")
-        print_validity(validity_matrix(cfg["simulator"], args.personas, args.seed, natural_lines=args.natural_lines))
-        return
     # the demo shows the simulator model speaking; training on the CPU defaults to bank lines
     cfg = config.load(None, ["simulator.utterance=llm", *args.overrides])
     torch.manual_seed(args.seed)

@@ -8,7 +8,7 @@
 savpo.py is the home: one GPU, one readable loop. This file is the road out. It takes config.yaml as
 it is and hands the loop to TRL (pinned to 1.16.0 in requirements.txt: the hooks below are internal),
 so `accelerate launch` gives data parallelism over GPUs and nodes (DDP, tested on two CPU processes;
-ZeRO-3 and FSDP would need the parameters gathered for the rollouts, README). Four pieces, each
+ZeRO-3 and FSDP would need the parameters gathered for the rollouts, docs/scaling.md). Four pieces, each
 reusing the project's code:
 
 1. The data: one row per (step, persona) of savpo.py's schedule, in order (`shuffle_dataset=False`).
@@ -45,7 +45,7 @@ What differs from savpo.py: TRL computes the policy log-probs in its own forward
 student runs a second forward for the full-vocabulary logits the KL needs; micro-batches mix personas
 (TRL shuffles the step), so the shared-prefix pass of `lm.selected_logits` rarely applies; the EMA
 teacher is not built here; checkpoints are TRL's (OUT/checkpoint-N/), the final adapter goes to
-OUT/adapter. On vLLM (README, "Scaling out on TRL"): the simulator cannot be "the base with the adapter
+OUT/adapter. On vLLM (docs/scaling.md, "Scaling out on TRL"): the simulator cannot be "the base with the adapter
 disabled" inside vLLM, which holds merged policy weights, so it stays in-process here.
 """
 
@@ -61,6 +61,7 @@ import torch
 import checkpoint
 import config
 import eval as evaluation  # eval.py
+import kvbatch
 import lm
 import personas as P
 import rollout
@@ -104,7 +105,7 @@ def grpo_config(cfg, num_processes=None):
         optim="adamw_torch", learning_rate=t["lr"], weight_decay=t["weight_decay"], max_grad_norm=t["grad_clip"],
         gradient_checkpointing=False,                   # lm.add_lora turns it on from train.gradient_checkpointing
         loss_type="dapo", epsilon=st["eps_low"], epsilon_high=st["eps_high"], beta=st["ref_kl"],
-        use_bias_correction_kl=False,                   # the KL as savpo.py differentiates it (README, conventions)
+        use_bias_correction_kl=False,                   # the KL as savpo.py differentiates it (docs/savpo.md, conventions)
         temperature=lm.logprob_temperature(rl["temperature"]), max_completion_length=rl["max_context"],
         save_strategy="steps" if t["save_every"] else "no", save_steps=max(1, t["save_every"] * t["epochs"]),
         save_total_limit=2)
@@ -264,7 +265,7 @@ def build_trainer(cfg):
     if cfg["simulator"]["model"]:
         sim_tokenizer, sim_model = lm.load_model({**cfg["model"], "name_or_path": cfg["simulator"]["model"], "warm_start": ""})
     simulator = S.CognitiveUserSimulator(cfg["simulator"], sim_model, sim_tokenizer, seed=cfg["seed"],
-                                         decoder=rollout.decoder_for(sim_model, cfg["rollout"]))
+                                         decoder=kvbatch.decoder_for(sim_model, cfg["rollout"]))
     dataset, personas_by_id = persona_dataset(cfg)
     trainer = _trainer_class()(cfg, model, tokenizer, args, dataset, make_rollout_func(cfg, personas_by_id, simulator))
     trainer.simulator = simulator

@@ -41,7 +41,7 @@ import eval as evaluation
 import lm
 import personas as P
 import rollout
-import simulator as S
+from scripted_agents import play_scripted, push_line
 
 
 def shortest_answer(tokenizer, concern):
@@ -63,7 +63,7 @@ def expert_turn(obs, tokenizer, budget):
     for cid in hidden[:1 if voiced else 2]:
         moves.append(questions[cid][min(obs["asked"].get(cid, 0), 1)])
     if not hidden and not voiced[1:]:
-        moves.append(S._push(bank))
+        moves.append(push_line(bank))
     said, used = [], 0
     for move in moves:
         n = len(lm.encode(tokenizer, " " + move))
@@ -83,8 +83,8 @@ def expert_calls(cfg, tokenizer):
     P.check_disjoint(people, evaluation.eval_personas(cfg))
     budget = cfg["rollout"]["max_new_tokens"] - 1                   # room for the end-of-turn token
     calls = []
-    S.play_scripted(lambda obs: expert_turn(obs, tokenizer, budget), people, cfg["simulator"], w["seed"],
-                    transcripts=calls)
+    play_scripted(lambda obs: expert_turn(obs, tokenizer, budget), people, cfg["simulator"], w["seed"],
+                  transcripts=calls)
     return [{**call, "persona": p} for call, p in zip(calls, people)]
 
 

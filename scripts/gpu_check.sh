@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU measurement of the README's "One GPU" section in one command, one JSON at the end.
+# Every GPU measurement of docs/scaling.md's "One GPU" section in one command, one JSON at the end.
 #
 #   bash scripts/gpu_check.sh --wheels            # here, with the package index: the wheels into .whl/ (~57 MB)
 #   bash scripts/gpu_check.sh                     # on the GPU machine (no index needed): -> runs/gpu_check.json

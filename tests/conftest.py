@@ -13,6 +13,7 @@ import torch  # noqa: E402
 
 import config  # noqa: E402
 import lm  # noqa: E402
+import personas as P  # noqa: E402
 
 torch.set_num_threads(2)
 
@@ -88,3 +89,50 @@ def real_model():
 @pytest.fixture
 def cfg():
     return config.load()
+
+
+@pytest.fixture
+def rules(cfg):
+    """The simulator's transition-rule numbers of the default config."""
+    return cfg["simulator"]["rules"]
+
+
+def persona_with(concern_ids, willingness=1.0, domain="merchant_recruitment", severity=2):
+    """A persona of `domain` holding exactly the bank's `concern_ids` (severity and willingness given)."""
+    bank = P.load_bank(domain)
+    by_id = {c["id"]: c for c in bank["concerns"]}
+    concerns = [P.Concern(**{**{k: by_id[i][k] for k in P._CONCERN_FIELDS if k != "severity"}, "severity": severity})
+                for i in concern_ids]
+    return P.Persona(persona_id="test", domain=domain, name="Maria Rossi", traits={"business_type": "pizzeria"},
+                     style="terse", willingness=willingness, concerns=concerns, stratum="test")
+
+
+def input_ids_of_logits(args, kwargs):
+    """The input token at each position whose logits a forward returned (all, the last k, or the
+    positions of a `logits_to_keep` tensor, as KVBatch's prefill asks)."""
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    keep = kwargs.get("logits_to_keep", 0)
+    if isinstance(keep, torch.Tensor):
+        return ids[:, keep]
+    return ids[:, -keep:] if keep else ids
+
+
+def make_stopping_model(tokenizer):
+    """A tiny random model that ends its turn after roughly one token in five (whenever the input
+    token id is a multiple of 5), so agent turns end at different lengths within one batch -- the
+    padding and position-id traps need that. A forward hook, so `generate` sees it too."""
+    model = make_tiny_model(tokenizer, seed=1)
+    eos = tokenizer.eos_token_id
+
+    def favour_eos(module, args, kwargs, output):
+        ids = input_ids_of_logits(args, kwargs)
+        output.logits[..., eos] += 10.0 * (ids % 5 == 0).to(output.logits.dtype)
+        return output
+
+    model.register_forward_hook(favour_eos, with_kwargs=True)
+    return model
+
+
+@pytest.fixture
+def stopping_model(tokenizer):
+    return make_stopping_model(tokenizer)

@@ -69,8 +69,9 @@ def test_from_argv_splits_flags_and_overrides(tmp_path):
     ("rollout.max_new_tokens=4096", "rollout.max_new_tokens", "< rollout.max_context"),
 ])
 def test_out_of_range_values_name_the_key_and_the_range(override, key, allowed):
+    import learn_to_ask
     with pytest.raises(config.ConfigError) as err:
-        config.load(None, override.split())
+        config.load(None, override.split(), section=learn_to_ask.SECTION if key.startswith("learn_to_ask") else None)
     message = str(err.value)
     assert "\n" not in message and f"'{key}'" in message and allowed in message
 
@@ -113,7 +114,7 @@ def test_savpo_cli_refuses_before_writing_anything(tmp_path, args):
 
 
 @pytest.mark.parametrize("module, argv", [("eval", ["--n", "0"]), ("bench", ["--dialogues", "-3"]),
-                                          ("learn_to_ask", ["train", "learn_to_ask.lr=0"])])
+                                          ("learn_to_ask.policy", ["train", "learn_to_ask.lr=0"])])
 def test_other_entry_points_refuse_bad_values_in_one_sentence(module, argv, capsys, monkeypatch):
     import importlib
     import sys
@@ -126,11 +127,11 @@ def test_other_entry_points_refuse_bad_values_in_one_sentence(module, argv, caps
 
 
 def test_the_comparisons_shared_overrides_never_redefine_a_preset(tmp_path):
-    """`savpo.py --compare stpr.mode=direction` trains savpo and refine with SAVPO's STPR; grpo keeps its outcome
+    """`compare.py stpr.mode=direction` trains savpo and refine with SAVPO's STPR; grpo keeps its outcome
     advantages (before, the shared override made grpo train exactly as refine)."""
-    import eval as evaluation
+    import compare
     shared = ["stpr.mode=direction", "train.lr=3e-4"]
-    modes = {algo: config.load(None, [*evaluation.preset_overrides(shared, algo), f"algo={algo}"])["stpr"]["mode"]
+    modes = {algo: config.load(None, [*compare.preset_overrides(shared, algo), f"algo={algo}"])["stpr"]["mode"]
              for algo in config.PRESETS}
     assert modes == {"savpo": "direction", "grpo": "outcome", "distill": "direction", "refine": "direction"}
     # a YAML file is shared settings too: the preset wins over it

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import eval as evaluation
+import kvbatch
 import lm
 import personas as P
 import rollout
@@ -48,8 +49,8 @@ def test_trainer_logprobs_equal_rollout_logprobs_on_every_head(tokenizer, cfg, a
     targets = [savpo.agent_targets(t) for t in trajs]
     with torch.no_grad():
         logits = savpo.policy_logits(model, trajs, targets)
-    trained = lm.token_logprobs(logits, torch.tensor([x for tg in targets for x in tg[1]]), 0.8)
-    recorded = torch.tensor([x for tg in targets for x in tg[2]])
+    trained = lm.token_logprobs(logits, torch.tensor([x for tg in targets for x in tg.ids]), 0.8)
+    recorded = torch.tensor([x for tg in targets for x in tg.logprobs])
     torch.testing.assert_close(trained, recorded, atol=2e-4, rtol=0)
 
 
@@ -264,16 +265,16 @@ def test_sliding_window_models_are_refused_past_their_window():
 
 def test_generators_live_on_the_logits_device(tokenizer):
     model = make_tiny_model(tokenizer)
-    gen = rollout.device_generator(0, model)
+    gen = kvbatch.device_generator(0, model)
     assert gen.device == next(model.parameters()).device
     logits = torch.randn(3, 11)
-    tokens, _ = rollout.sample_next(logits, 0.7, 1.0, gen)
+    tokens, _ = kvbatch.sample_next(logits, 0.7, 1.0, gen)
     assert tokens.shape == (3,)
 
     class CudaGenerator:                 # what a CPU-created generator looks like to CUDA logits, reversed
         device = torch.device("cuda")
     with pytest.raises(ValueError, match="device_generator"):
-        rollout.sample_next(logits, 0.7, 1.0, CudaGenerator())
+        kvbatch.sample_next(logits, 0.7, 1.0, CudaGenerator())
     # no sampler in the code base creates a generator without naming its device
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for name in os.listdir(root):
@@ -291,8 +292,8 @@ def test_shared_prefix_logits_and_gradients_equal_the_plain_forward(tokenizer, c
     trajs = rollout.run(model, tokenizer, template_simulator(cfg, 3), persona, roll, group_size=3, seed=1)
     targets = [savpo.agent_targets(t) for t in trajs]
     rows = [t.ids for t in trajs]
-    b = torch.tensor([i for i, tg in enumerate(targets) for _ in tg[0]])
-    c = torch.tensor([j for tg in targets for j in tg[0]])
+    b = torch.tensor([i for i, tg in enumerate(targets) for _ in tg.positions])
+    c = torch.tensor([j for tg in targets for j in tg.positions])
     assert len(os.path.commonprefix(rows)) > 100          # the system prompt is shared
     results = []
     for fn in (lm.selected_logits, lm.selected_logits_plain):

@@ -9,7 +9,7 @@ import config
 import eval as E
 import personas as P
 import rollout
-from test_simulator import persona_with
+from conftest import persona_with
 
 
 def test_pass_at_k_hand_computed():
@@ -138,36 +138,6 @@ def test_misinformation_rate_counts_false_claims_per_agent_turn(trajs):
     assert E.summarize(trajs)["misinformation_rate"] == pytest.approx(1 / 5)
     old = {p: {k: v for k, v in r.items() if k != "misinformation"} for p, r in E.per_persona(trajs).items()}
     assert "misinformation" not in E.intervals(old)                   # an old table: the metric is left out
-
-
-def test_compare_trains_every_preset_and_reports_intervals(tmp_path, tokenizer):
-    import savpo
-    from conftest import make_tiny_model
-    tiny = tmp_path / "tiny"
-    make_tiny_model(tokenizer).save_pretrained(tiny)
-    tokenizer.save_pretrained(tiny)
-    overrides = [f"model.name_or_path={tiny}", "train.steps=1", "train.personas_per_step=2", "train.group_size=2",
-                 "rollout.max_new_tokens=4", "simulator.max_turns=1", "personas.eval_n=2", "aopsd.placement=system"]
-    out = tmp_path / "cmp"
-    train = lambda cfg, resume: savpo.Trainer(cfg, resume, log=lambda *a: None).train()
-    result = E.compare(None, overrides, [0, 1], 3, 2, str(out), train, algos=("grpo", "savpo"))
-    assert set(result) == {"base", "base+privileged(system)", "grpo", "savpo"}
-    assert (out / "grpo_seed1" / "checkpoints" / "step_000001" / "adapter").exists()
-    for r in result.values():
-        for m in E.METRICS:
-            mean, lo, hi = r["intervals"][m]
-            assert lo <= mean <= hi
-    assert result["savpo"]["per_seed_means"].keys() == {0, 1}
-    text = (out / "compare.md").read_text()
-    assert "| savpo |" in text and "reveal minus base" in text and (out / "compare.png").stat().st_size > 1000
-    saved = json.loads((out / "compare.json").read_text())
-    tables = saved["per_persona"]      # savpo - grpo: the seeds' tables averaged per persona, then paired
-    mean = lambda algo, p: sum(tables[f"{algo}_seed{s}"][p]["success"] for s in (0, 1)) / 2
-    expected = sum(mean("savpo", p) - mean("grpo", p) for p in tables["base"]) / len(tables["base"])
-    assert saved["pairs"]["savpo - grpo"]["success"][0] == pytest.approx(expected, abs=1e-4)
-    assert "| savpo - grpo |" in text
-    again = E.compare(None, overrides, [0, 1], 3, 2, str(out), train, algos=("grpo", "savpo"))   # reuses the runs
-    assert again["savpo"]["intervals"] == result["savpo"]["intervals"]
 
 
 def test_progress_goes_to_stderr_and_stdout_keeps_the_results(tmp_path, tokenizer, capsys):

@@ -6,12 +6,10 @@ import math
 import pytest
 import torch
 
-import config
-import ask_data as D
-import ask_reward as R
-import learn_to_ask as L
+import learn_to_ask
 import lm
 import personas as P
+from learn_to_ask import data as D, policy as L, reward as R
 from conftest import make_tiny_model
 
 
@@ -177,7 +175,7 @@ def test_shipped_grader_labels_and_proxy_calibration(tmp_path):
     items = R.read_labels("data/grader_labels.jsonl")
     assert len(items) >= 50 and len({it["domain"] for it in items}) == 3
     assert {it["content"] for it in items} == {0, 0.5, 1} and {it["format"] for it in items} == {0, 0.5, 1}
-    cfg = config.load(None, [f"learn_to_ask.out_dir={tmp_path}"])
+    cfg = learn_to_ask.load_config(None, [f"learn_to_ask.out_dir={tmp_path}"])
     R.calibrate(cfg)
     table = (tmp_path / "calibration.md").read_text()
     assert "| proxy |" in table and not (tmp_path / "calibration.json").exists()   # nothing to choose among
@@ -200,7 +198,7 @@ def test_llm_grader_reads_scores_from_letter_logprobs(tokenizer):
 # ----------------------------------------------------------------------------- expert logs
 
 def test_expert_logs_probe_every_hidden_concern_with_exact_labels(tmp_path):
-    cfg = config.load(None, [f"learn_to_ask.logs={tmp_path}/logs.jsonl", "learn_to_ask.log_sessions=6"])
+    cfg = learn_to_ask.load_config(None, [f"learn_to_ask.logs={tmp_path}/logs.jsonl", "learn_to_ask.log_sessions=6"])
     D.make_logs(cfg)
     sessions, problems = D.read_logs(str(tmp_path / "logs.jsonl"))
     assert len(sessions) == 6 and not problems and len({s["domain"] for s in sessions}) == 3
@@ -223,7 +221,7 @@ def test_expert_questions_are_checked():
 # ----------------------------------------------------------------------------- sampling and GRPO
 
 def test_grpo_update_raises_the_likelihood_of_rewarded_completions(tokenizer):
-    cfg = config.load(None, ["learn_to_ask.lr=5e-2"])
+    cfg = learn_to_ask.load_config(None, ["learn_to_ask.lr=5e-2"])
     lt = cfg["learn_to_ask"]
     model = lm.add_lora(make_tiny_model(tokenizer), cfg["lora"])
     prompt = L.prompt_ids(tokenizer, SESSION["messages"][:2], "<action>")
@@ -264,7 +262,7 @@ def test_two_step_training_eval_play_and_cli_on_a_tiny_model(tiny_dir, tmp_path)
             "learn_to_ask.play_n=3", "learn_to_ask.play_turns=2"]
     with pytest.raises(SystemExit, match="logs.jsonl' does not exist"):
         L.main(["prepare", *args])
-    with pytest.raises(SystemExit, match="run `python learn_to_ask.py prepare` first"):
+    with pytest.raises(SystemExit, match="run `python -m learn_to_ask prepare` first"):
         L.main(["train", *args])
     L.main(["make-logs", *args])
     L.main(["prepare", *args])

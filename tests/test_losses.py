@@ -21,21 +21,21 @@ def test_divergence_options_against_closed_forms():
     p_t, p_s = torch.tensor([[0.25, 0.75]]), torch.tensor([[0.5, 0.5]])
     kl = lambda p, q: float((p * (p / q).log()).sum())
     t, s = p_t.log(), p_s.log()
-    assert losses.divergence(t, s, "forward").item() == pytest.approx(kl(p_t, p_s), abs=1e-6)    # 0.1308
-    assert losses.divergence(t, s, "reverse").item() == pytest.approx(kl(p_s, p_t), abs=1e-6)    # 0.1438
+    assert losses.divergence(s, t, kind="forward").item() == pytest.approx(kl(p_t, p_s), abs=1e-6)    # 0.1308
+    assert losses.divergence(s, t, kind="reverse").item() == pytest.approx(kl(p_s, p_t), abs=1e-6)    # 0.1438
     for alpha in (0.5, 0.2, 0.9):   # TRL: (1 - a) KL(S || m) + a KL(T || m), m = a p_T + (1 - a) p_S
         m = alpha * p_t + (1 - alpha) * p_s
         expected = (1 - alpha) * kl(p_s, m) + alpha * kl(p_t, m)
-        assert losses.divergence(t, s, "jsd", alpha).item() == pytest.approx(expected, abs=1e-6)
-    assert losses.divergence(t, s, "jsd", 0.5).item() == pytest.approx(0.0338, abs=1e-4)
+        assert losses.divergence(s, t, kind="jsd", alpha=alpha).item() == pytest.approx(expected, abs=1e-6)
+    assert losses.divergence(s, t, kind="jsd", alpha=0.5).item() == pytest.approx(0.0338, abs=1e-4)
     for kind in ("forward", "reverse", "jsd"):      # zero iff the distributions agree
-        assert losses.divergence(t, t, kind).item() == pytest.approx(0.0, abs=1e-7)
+        assert losses.divergence(t, t, kind=kind).item() == pytest.approx(0.0, abs=1e-7)
     # top-k over the student's support: the student's top-1 (p 0.6) + tail, teacher projected onto it
     teacher = torch.tensor([[0.5, 0.3, 0.2]]).log()
     student = torch.tensor([[0.2, 0.6, 0.2]]).log()
-    got = losses.token_divergence(student, teacher, "reverse", vocab="topk", topk=1, support="student").item()
+    got = losses.token_divergence(student, teacher, kind="reverse", vocab="topk", topk=1, support="student").item()
     assert got == pytest.approx(0.6 * math.log(0.6 / 0.3) + 0.4 * math.log(0.4 / 0.7), abs=1e-5)
-    got = losses.token_divergence(student, teacher, "forward", vocab="topk", topk=1, support="teacher").item()
+    got = losses.token_divergence(student, teacher, kind="forward", vocab="topk", topk=1, support="teacher").item()
     assert got == pytest.approx(0.5 * math.log(0.5 / 0.2) + 0.5 * math.log(0.5 / 0.8), abs=1e-5)
 
 
@@ -96,18 +96,19 @@ def test_stpr_worked_example():
     rewards = torch.tensor([1.0, 0.0, 0.0])
     dw = [torch.tensor([0.5]), torch.tensor([0.5, 0.0, -0.5]), torch.tensor([0.0])]
     groups = torch.tensor([0, 0, 0])
-    adv, per_turn = losses.stpr_advantages(rewards, dw, groups, "direction")
+    adv, per_turn = losses.stpr_advantages(rewards, dw, groups, mode="direction")
     s = 1 / math.sqrt(2)
     torch.testing.assert_close(adv, torch.tensor([2 * s, -s, -s]), atol=1e-4, rtol=0)
     torch.testing.assert_close(per_turn[1], torch.tensor([s, -s, -s]), atol=1e-4, rtol=0)
     torch.testing.assert_close(per_turn[0], torch.tensor([2 * s]), atol=1e-4, rtol=0)
-    _, outcome = losses.stpr_advantages(rewards, dw, groups, "outcome")
+    _, outcome = losses.stpr_advantages(rewards, dw, groups, mode="outcome")
     torch.testing.assert_close(outcome[1], torch.tensor([-s, -s, -s]), atol=1e-4, rtol=0)
-    _, additive = losses.stpr_advantages(rewards, dw, groups, "additive", beta=1.0)
+    _, additive = losses.stpr_advantages(rewards, dw, groups, mode="additive", beta=1.0)
     dw_rms = torch.cat(dw).pow(2).mean().sqrt()
     torch.testing.assert_close(additive[1], -s + torch.tensor([0.5, 0.0, -0.5]) / dw_rms, atol=1e-4, rtol=0)
     # every turn moved the same way (std 0): the unit is the rms, so the advantages stay finite
-    _, same = losses.stpr_advantages(torch.zeros(2), [torch.tensor([-0.25, -0.25])] * 2, torch.zeros(2), "additive", 0.5)
+    _, same = losses.stpr_advantages(torch.zeros(2), [torch.tensor([-0.25, -0.25])] * 2, torch.zeros(2), mode="additive",
+                                     beta=0.5)
     torch.testing.assert_close(same[0], torch.tensor([-0.5, -0.5]))
 
 
@@ -116,7 +117,7 @@ def test_equal_non_dyadic_rewards_give_exactly_zero():
     rewards = torch.full((8,), 3.2)
     dw = [torch.tensor([0.5, -0.5])] * 8
     for mode in ("direction", "outcome"):
-        adv, per_turn = losses.stpr_advantages(rewards, dw, torch.zeros(8, dtype=torch.long), mode)
+        adv, per_turn = losses.stpr_advantages(rewards, dw, torch.zeros(8, dtype=torch.long), mode=mode)
         assert torch.equal(adv, torch.zeros(8)) and all(torch.equal(p, torch.zeros(2)) for p in per_turn)
     # a continuous reward with a real contrast still gets it
     adv, _ = losses.stpr_advantages(torch.tensor([3.2, 3.2, 1.2, 3.2]), dw[:4], torch.zeros(4, dtype=torch.long))
@@ -126,7 +127,7 @@ def test_equal_non_dyadic_rewards_give_exactly_zero():
 def test_stpr_groups_are_normalised_separately_and_equal_rewards_give_zero():
     rewards = torch.tensor([1.0, 1.0, 1.0, 0.0])
     dw = [torch.tensor([1.0])] * 4
-    adv, per_turn = losses.stpr_advantages(rewards, dw, torch.tensor([0, 0, 1, 1]), "direction")
+    adv, per_turn = losses.stpr_advantages(rewards, dw, torch.tensor([0, 0, 1, 1]), mode="direction")
     assert adv[0] == 0 and adv[1] == 0 and per_turn[0].item() == 0     # no outcome contrast, no signal
     assert adv[2] > 0 > adv[3]
     assert per_turn[3].item() > 0    # failed call, but the turn raised willingness: reinforced

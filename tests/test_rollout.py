@@ -1,4 +1,4 @@
-"""The rollout contract: tokens as generated, greedy parity with `generate`, batch invariance,
+"""The rollout contract (rollout.py): tokens as generated, greedy parity with `generate`, batch invariance,
 rollout-time log-probs equal a fresh forward pass, teacher/student alignment, seeded reproducibility."""
 import pytest
 import torch
@@ -7,38 +7,7 @@ import lm
 import personas as P
 import rollout
 import simulator as S
-from conftest import make_tiny_model
-
-
-def input_ids_of_logits(args, kwargs):
-    """The input token at each position whose logits a forward returned (all, the last k, or the
-    positions of a `logits_to_keep` tensor, as KVBatch's prefill asks)."""
-    ids = kwargs.get("input_ids", args[0] if args else None)
-    keep = kwargs.get("logits_to_keep", 0)
-    if isinstance(keep, torch.Tensor):
-        return ids[:, keep]
-    return ids[:, -keep:] if keep else ids
-
-
-@pytest.fixture
-def stopping_model(tokenizer):
-    return make_stopping_model(tokenizer)
-
-
-def make_stopping_model(tokenizer):
-    """A tiny random model that ends its turn after roughly one token in five (whenever the input
-    token id is a multiple of 5), so agent turns end at different lengths within one batch -- the
-    padding and position-id traps need that. A forward hook, so `generate` sees it too."""
-    model = make_tiny_model(tokenizer, seed=1)
-    eos = tokenizer.eos_token_id
-
-    def favour_eos(module, args, kwargs, output):
-        ids = input_ids_of_logits(args, kwargs)
-        output.logits[..., eos] += 10.0 * (ids % 5 == 0).to(output.logits.dtype)
-        return output
-
-    model.register_forward_hook(favour_eos, with_kwargs=True)
-    return model
+from conftest import input_ids_of_logits, make_tiny_model
 
 
 def setup(cfg, tokenizer, model, n=3, utterance="llm", temperature=0.0, seed=0):
@@ -146,47 +115,6 @@ def test_context_overflow_ends_cleanly(cfg, tokenizer, stopping_model):
             assert t.reward == 0.0 and len(t.ids) + roll_cfg["max_new_tokens"] > roll_cfg["max_context"]
 
 
-def test_kvbatch_rollback_and_new_rows(tokenizer, stopping_model):
-    """Rolling back generated tokens and adding a row mid-way decode exactly like fresh sequences."""
-    eos = tokenizer.eos_token_id
-    a = lm.encode(tokenizer, "<|im_start|>user\nhello there<|im_end|>\n<|im_start|>assistant\n")
-    b = lm.encode(tokenizer, "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
-    batch = rollout.KVBatch(stopping_model, tokenizer.pad_token_id)
-    batch.add("a", a)
-    out = batch.generate(5, {eos})
-    batch.rollback("a", len(out["a"][0]))
-    assert batch.ids("a") == a
-    batch.add("b", b)
-    out = batch.generate(5, {eos})
-    fresh = rollout.KVBatch(stopping_model, tokenizer.pad_token_id)
-    fresh.add("a", a)
-    fresh.add("b", b)
-    again = fresh.generate(5, {eos})
-    for key in "ab":
-        assert again[key][0] == out[key][0]
-        torch.testing.assert_close(torch.tensor(again[key][1]), torch.tensor(out[key][1]))
-
-
-@pytest.mark.parametrize("batched", [True, False])
-def test_bench_baselines_play_the_same_dialogues(cfg, tokenizer, stopping_model, batched):
-    """bench.py compares decoders on identical work: its re-prefilling `generate` baselines must
-    reproduce the KV engine's greedy dialogues."""
-    import bench
-    sim, roll_cfg, people = setup(cfg, tokenizer, stopping_model)
-    kv = rollout.run(stopping_model, tokenizer, sim, people, roll_cfg)
-    made = []
-
-    def decoder(model, pad_id, adapter=True):
-        made.append(bench.GenerateBatch(model, pad_id, adapter, batched=batched))
-        return made[-1]
-
-    sim2, _, _ = setup(cfg, tokenizer, stopping_model)
-    sim2.decoder = decoder
-    base = rollout.run(stopping_model, tokenizer, sim2, people, roll_cfg, decoder=decoder)
-    assert [t.ids for t in base] == [t.ids for t in kv]
-    assert sum(d.prefill_tokens for d in made) > 0 and sum(d.generated_tokens for d in made) > 0
-
-
 def test_empty_agent_turns_are_recorded_not_fatal(cfg, tokenizer):
     """A policy that ends every turn at once: each turn is recorded as empty, the simulator appraises
     the silence (off-topic, patience lost) and the call ends by the rule, not by a crash."""
@@ -208,23 +136,6 @@ def test_empty_agent_turns_are_recorded_not_fatal(cfg, tokenizer):
         assert t.decision in ("hangup", "reject", "timeout")
 
 
-def test_sampling_matches_the_distribution_and_the_nucleus():
-    """Inverse-CDF sampling draws from softmax(logits / T); with top-p it keeps exactly the tokens
-    transformers' TopPLogitsWarper keeps, and never samples a token outside them."""
-    from transformers.generation.logits_process import TopPLogitsWarper
-    torch.manual_seed(0)
-    logits = torch.randn(1, 12) * 2
-    gen = rollout.device_generator(1, "cpu")
-    draws = torch.cat([rollout.sample_next(logits.expand(4000, -1), 0.8, 1.0, gen)[0] for _ in range(5)])
-    freq = torch.bincount(draws, minlength=12).float() / len(draws)
-    torch.testing.assert_close(freq, torch.softmax(logits[0] / 0.8, -1), atol=0.01, rtol=0)
-    kept = TopPLogitsWarper(0.7)(None, logits / 0.8).isfinite()[0]
-    tokens, logprobs = rollout.sample_next(logits.expand(20000, -1), 0.8, 0.7, gen)
-    assert set(tokens.tolist()) == set(kept.nonzero().squeeze(-1).tolist())
-    expected = torch.log_softmax(logits[0] / 0.8, -1)[tokens]          # recorded at T, before the nucleus
-    torch.testing.assert_close(logprobs, expected)
-
-
 def test_waves_play_the_same_greedy_dialogues(tokenizer, cfg):
     """Dialogues advanced in waves of two persona groups equal one batch of all (greedy)."""
     import simulator as S
@@ -240,27 +151,3 @@ def test_waves_play_the_same_greedy_dialogues(tokenizer, cfg):
         runs[wave] = ([t.ids for t in trajs], [t.group for t in trajs], sim.stats["generated_tokens"])
     assert runs[0] == runs[4]
     assert runs[4][1] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4] and runs[4][2] > 0
-
-
-def test_dialogues_of_one_persona_share_their_prompts_prefill_and_play_the_same(cfg, tokenizer):
-    """KVBatch computes a prefix the G rollouts of a persona share (its system prompt) once and copies its
-    cache slots: the greedy dialogues are the very ones played without sharing, the log-probs agree to
-    float rounding, and far fewer tokens are prefilled."""
-    model = make_stopping_model(tokenizer)
-    people = P.sample_many(["merchant_recruitment", "courier_recruitment"], 2, seed=0)
-    batches = []
-
-    def play(share):
-        class Decoder(rollout.KVBatch):
-            def __init__(self, *args, **kwargs):
-                super().__init__(*args, **{**kwargs, "share_prefix": share})
-                batches.append(self)
-        sim = S.CognitiveUserSimulator({**cfg["simulator"], "appraiser": "lexical", "utterance": "template"}, seed=0)
-        return rollout.run(model, tokenizer, sim, people, {**cfg["rollout"], "temperature": 0.0, "max_new_tokens": 8},
-                           group_size=3, decoder=Decoder)
-
-    plain, shared = play(False), play(True)
-    assert [t.ids for t in plain] == [t.ids for t in shared]
-    assert max(abs(a - b) for p, s in zip(plain, shared) for a, b in zip(p.logprobs, s.logprobs)) < 1e-4
-    system = len(lm.message_ids(tokenizer, "system", P.agent_system_prompt(people[0]))[1])
-    assert batches[1].prefill_tokens < batches[0].prefill_tokens - 2 * 2 * system     # 2 of 3 rows skip it

@@ -1,33 +1,20 @@
+"""The Cognitive User Simulator: the transition rule step by step (on hand-made appraisals), what is not a
+salesperson's line, and the simulator's batched dialogues and user lines."""
+
 import copy
-import os
 
 import pytest
 
-import personas as P
 import appraisal as A
 import simulator as S
-from conftest import make_tiny_model
-
-
-def persona_with(concern_ids, willingness=1.0, domain="merchant_recruitment", severity=2):
-    bank = P.load_bank(domain)
-    by_id = {c["id"]: c for c in bank["concerns"]}
-    concerns = [P.Concern(**{**{k: by_id[i][k] for k in P._CONCERN_FIELDS if k != "severity"}, "severity": severity})
-                for i in concern_ids]
-    return P.Persona(persona_id="test", domain=domain, name="Maria Rossi", traits={"business_type": "pizzeria"},
-                     style="terse", willingness=willingness, concerns=concerns, stratum="test")
+from conftest import make_tiny_model, persona_with
 
 
 def appraisal(probed=(), addressed=(), push=False, off_topic=False, too_long=False, open_probe=False,
               false_claims=(), about=(), incoherent=()):
-    return {"probed": set(probed), "addressed": set(addressed), "push": push, "off_topic": off_topic,
-            "too_long": too_long, "open_probe": open_probe, "false_claims": set(false_claims), "about": set(about),
-            "incoherent": list(incoherent)}
-
-
-@pytest.fixture
-def rules(cfg):
-    return cfg["simulator"]["rules"]
+    return A.Appraisal(probed=set(probed), addressed=set(addressed), push=push, off_topic=off_topic,
+                       too_long=too_long, open_probe=open_probe, false_claims=set(false_claims), about=set(about),
+                       incoherent=list(incoherent))
 
 
 def step(state, persona, rules, **kw):
@@ -43,18 +30,6 @@ def test_concern_hidden_until_asked_then_revealed(rules):
     assert s2.concern_status["commission_fees"] == "revealed"
     assert s2.willingness == pytest.approx(s1.willingness + rules["reveal_gain"])
     assert s2.events["revealed"] == ["commission_fees"]
-
-
-@pytest.mark.parametrize("kind", ["lexical", "semantic"])
-def test_asking_is_a_probe_telling_is_not(rules, kind):
-    texts = ["Can I ask how much commission you could afford?",          # a question: probe
-             "Tell me how you feel about the commission we'd take.",      # an invitation: probe
-             "Our commission is the lowest in town.",                     # a statement with the topic word
-             "I won't bother you with questions about commission today.",  # a negated question
-             "Commission is 15% for the first six months, with no setup fee."]   # an answer, not a probe
-    got = A.appraise_items(kind, [{"text": t, "domain": "merchant_recruitment"} for t in texts], rules)
-    assert ["commission_fees" in g["probed"] for g in got] == [True, True, False, False, False]
-    assert "commission_fees" in got[4]["addressed"] and "commission_fees" not in got[2]["addressed"]
 
 
 def test_guarded_concern_needs_two_specific_probes(rules):
@@ -236,17 +211,6 @@ def test_the_simulator_counts_false_claims_and_incoherent_turns(cfg):
     assert "not" in users[0].lower() or "n't" in users[0].lower()        # "Hold on, that's not true, is it?"
 
 
-def test_generative_parser_is_strict():
-    ids = {"commission_fees", "contract_lockin"}
-    good = ("<asked>commission_fees</asked><answered>none</answered><open_question>no</open_question>"
-            "<push>no</push><off_topic>no</off_topic>")
-    assert A.parse_generative(good, ids) == {"probed": {"commission_fees"}, "addressed": set(), "open_probe": False,
-                                             "push": False, "off_topic": False}
-    for bad in ["", "yes", good.replace("commission_fees", "made_up"), good + " extra",
-                good.replace("<push>no</push>", "<push>maybe</push>")]:
-        assert A.parse_generative(bad, ids) is None
-
-
 def test_echo_and_role_inversion_detection():
     assert S.echoes("Sure, we offer the best commission rates in town", "We offer the best commission rates in town!")
     assert not S.echoes("The commission worries me.", "What do you think about the commission?")
@@ -275,17 +239,6 @@ def test_template_simulator_runs_batched_dialogues_and_words_follow_state(cfg):
     assert users[0] is None                                        # a finished dialogue stays finished
 
 
-def test_generative_appraiser_survives_garbage(tokenizer, cfg):
-    model = make_tiny_model(tokenizer)  # random weights: its "tags" are garbage
-    sim_cfg = {**cfg["simulator"], "appraiser": "generative", "utterance": "template", "generative_max_tokens": 8}
-    sim = S.CognitiveUserSimulator(sim_cfg, model, tokenizer, seed=0)
-    p = persona_with(["commission_fees"], willingness=2.0)
-    sim.reset([p, p])
-    users, states, done = sim.step(["How much commission could you pay?", "Hello"])
-    assert sim.stats["parse_failures"] == 2
-    assert states[0].concern_status["commission_fees"] == "revealed"   # the lexical fallback decided
-
-
 def test_llm_utterances_on_garbage_model_fall_back_and_are_counted(tokenizer, cfg):
     model = make_tiny_model(tokenizer)
     sim_cfg = {**cfg["simulator"], "utterance": "llm", "max_new_tokens": 6, "max_turns": 3}
@@ -306,80 +259,3 @@ def test_llm_utterances_on_garbage_model_fall_back_and_are_counted(tokenizer, cf
     problems = sim.stats["empty_turns"] + sim.stats["role_inversions"] + sim.stats["inconsistent_lines"]
     assert problems >= 3
     assert not sim.view.keys                                         # finished dialogues left the batch
-
-
-def test_llm_appraiser_is_calibrated_and_deterministic_real_model(real_model, cfg):
-    """The 135M model cannot tell asking from telling (F1 ~0.1, README): what is tested here is the
-    mechanism -- contextual calibration, determinism, and the bank's other concerns (for the checklist
-    count) coming from the lexical appraiser."""
-    tokenizer, model = real_model
-    app = A.LLMAppraiser(model, tokenizer, cfg["simulator"]["rules"])
-    q = dict(A.llm_questions("merchant_recruitment", ["commission_fees"]))["probed:commission_fees"]
-    texts = ["Are you worried about the commission we take from each order?", app.CONTENT_FREE]
-    scores = app.calibrated([(t, q) for t in texts])
-    assert scores == app.calibrated([(t, q) for t in texts])     # same input, same answer
-    assert abs(scores[1]) < 1e-5                                 # the content-free message is the zero point
-    text = "Is it the contract, the packaging or the reviews that worry you?"   # other concerns, by cue words
-    out = app([text], ["merchant_recruitment"], [["commission_fees"]])[0]
-    assert {"contract_lockin", "packaging_cost", "ratings_reviews"} <= out["probed"]
-    assert set(out) == {"probed", "addressed", "open_probe", "push", "off_topic", "too_long", "false_claims", "about"}
-    assert out == app([text], ["merchant_recruitment"], [["commission_fees"]])[0]
-
-
-# ----------------------------------------------------------------------------- validity and robustness
-
-@pytest.fixture(scope="module")
-def validity(cfg_module):
-    return S.validity_matrix(cfg_module["simulator"], n_per_domain=90, seed=0)
-
-
-@pytest.fixture(scope="module")
-def cfg_module():
-    import config
-    return config.load()
-
-
-def test_validity_matrix_knowing_the_concerns_wins_and_no_cheap_policy_does(validity):
-    """270 stratified personas over the three domains, default rules and (semantic) appraiser; the natural
-    agents speak held-out lines (data/natural_agents.yaml), written apart from the banks."""
-    rate = {name: row["all"] for name, row in validity.items()}
-    # speaking naturally and honestly wins; inventing facts does not, knowing the concerns or not
-    assert rate["natural privileged"] >= 0.7
-    for name in ("natural hallucinating privileged", "natural hallucinating listener", "number bluffer"):
-        assert rate[name] <= 0.05 and rate[name] < rate["natural listener"], name
-    assert rate["privileged prober"] >= 0.8
-    assert 0.1 <= rate["generic prober"] <= rate["privileged prober"] - 0.3   # knowing the concerns matters
-    for name, (_, knows, asks) in S.SCRIPTED_AGENTS.items():
-        if not knows and not asks:                 # stuffers, dumpers, echo, pushers, passive
-            assert rate[name] <= 0.15, name
-    for name in ("pusher", "passive", "keyword stuffer", "fact dumper", "topic lister", "listener + fact dump", "echo",
-                 "figure echoer"):
-        assert rate[name] <= 0.05, name
-    for row in validity.values():                  # and in every domain, not only on average
-        assert all(0 <= v <= 1 for v in row.values())
-    assert min(validity["privileged prober"][d] for d in validity["privileged prober"]) >= 0.75
-
-
-def test_echoing_the_callees_own_figure_resolves_nothing(cfg_module):
-    """The figure echoer puts the figure a callee just said ("I pay my suppliers every week") into a sentence
-    about something else ("Every week brings you to another app."). Where that figure is the bank's true
-    fact (weekly payouts) it used to resolve the worry: 7 of 90 merchant calls before the fix."""
-    calls = []
-    S.play_scripted(S.figure_echoer, P.sample("merchant_recruitment", 90, 0), cfg_module["simulator"], 0,
-                    transcripts=calls)
-    turns = [(m["content"], s) for call in calls
-             for m, s in zip([m for m in call["messages"] if m["role"] == "assistant"], call["states"])]
-    echoed = [s for text, s in turns if text.startswith("Every week brings") and "payout_cash_flow" in s["concern_status"]]
-    assert len(echoed) >= 5                                           # the exploit was tried where it paid
-    assert all(not s["events"]["resolved"] for _, s in turns)
-
-
-def test_semantic_appraiser_on_held_out_natural_lines(cfg_module):
-    """data/appraisal_labels.jsonl: 157 natural salesperson lines, written apart from the exemplars."""
-    items = A.read_labels(os.path.join(os.path.dirname(P.DOMAIN_DIR), "appraisal_labels.jsonl"))
-    assert len(items) >= 90 and {it["domain"] for it in items} == set(P.list_domains())
-    rules = cfg_module["simulator"]["rules"]
-    semantic = A.scores(items, A.appraise_items("semantic", items, rules))
-    lexical = A.scores(items, A.appraise_items("lexical", items, rules))
-    assert semantic["probe"]["f1"] >= 0.8 and semantic["addresses"]["f1"] >= 0.8
-    assert semantic["probe"]["f1"] > lexical["probe"]["f1"] + 0.3       # why semantic is the default

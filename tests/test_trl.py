@@ -88,7 +88,7 @@ def test_per_token_advantages_are_stpr_on_each_turns_agent_tokens(pair, mode):
     out = trainer._generate_and_score_completions([{"prompt": p} for p in prompts_of(native)])
     _, per_turn = losses.stpr_advantages(torch.tensor([t.reward for t in trajs]),
                                          [torch.tensor([s["delta_willingness"] for s in t.states]) for t in trajs],
-                                         torch.tensor([t.group for t in trajs]), mode, st["beta"])
+                                         torch.tensor([t.group for t in trajs]), mode=mode, beta=st["beta"])
     expected = torch.zeros_like(out["advantages"])                                      # (B, T)
     for b, t in enumerate(trajs):
         start = len(trl_savpo.trl_sample(t)[0])

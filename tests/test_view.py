@@ -6,12 +6,11 @@ from html import escape
 from html.parser import HTMLParser
 
 import pytest
-import yaml
 
 import config
 import personas as P
 import rollout
-import simulator as S
+import scripted_agents as SA
 import view
 
 
@@ -19,7 +18,7 @@ def scripted_run(agent, personas, sim_cfg):
     """Real calls without a model: a scripted agent of simulator.py against the simulator (bank lines,
     lexical appraiser), recorded as Trajectory.to_dict() records."""
     calls = []
-    S.play_scripted(agent, personas, {**sim_cfg, "appraiser": "lexical"}, transcripts=calls)
+    SA.play_scripted(agent, personas, {**sim_cfg, "appraiser": "lexical"}, transcripts=calls)
     return [rollout.Trajectory(persona=p, group=g, ids=[], agent_mask=[], turn_ids=[], logprobs=[], note_slots=[],
                                messages=c["messages"], states=c["states"], decision=c["decision"]).to_dict()
             for g, (p, c) in enumerate(zip(personas, calls))]
@@ -74,7 +73,7 @@ def run_dir(tmp_path_factory):
     divergences, from a prober that knows the concerns (reveals, resolves, accepts) on 6 personas."""
     cfg = config.load()
     people = P.sample_many(P.list_domains(), 6, 5)
-    records = scripted_run(S.privileged_prober, people, cfg["simulator"])
+    records = scripted_run(SA.privileged_prober, people, cfg["simulator"])
     out = tmp_path_factory.mktemp("run")
     config.save({**cfg, "algo": "savpo"}, str(out))
     with open(out / "samples.jsonl", "w") as f:
@@ -167,8 +166,8 @@ def test_hostile_text_is_shown_as_text(tmp_path):
 def test_side_by_side_pairs_policies_on_the_same_personas_and_reads_old_files(tmp_path):
     cfg = config.load()
     people = P.sample_many(P.list_domains(), 3, 9)
-    base = scripted_run(S.generic_prober, people, cfg["simulator"])
-    trained = scripted_run(S.privileged_prober, people, cfg["simulator"])
+    base = scripted_run(SA.generic_prober, people, cfg["simulator"])
+    trained = scripted_run(SA.privileged_prober, people, cfg["simulator"])
     folder = tmp_path / "eval"
     folder.mkdir()
     json.dump({"base": {}, "savpo:run": {}}, open(folder / "metrics.json", "w"))   # eval's order: base first
@@ -189,7 +188,7 @@ def test_side_by_side_pairs_policies_on_the_same_personas_and_reads_old_files(tm
 def test_learn_to_ask_play_output(tmp_path):
     cfg = config.load()
     (p,) = P.sample_many(["courier_recruitment"], 1, 3)
-    (r,) = scripted_run(S.privileged_prober, [p], cfg["simulator"])
+    (r,) = scripted_run(SA.privileged_prober, [p], cfg["simulator"])
     record = {"persona_id": r["persona_id"], "hidden_concerns": r["hidden_concerns"], "verdict": "late",
               "final_state": r["states"][-1], "messages": [{"role": "system", "content": "Call details: card"}, *r["messages"]]}
     (tmp_path / "play_dialogues.jsonl").write_text(json.dumps(record) + "\n")

@@ -8,9 +8,11 @@ import pytest
 import torch
 
 import config
+import kvbatch
 import lm
 import personas as P
 import rollout
+import scripted_agents as SA
 import simulator as S
 import warmstart as W
 from conftest import make_tiny_model
@@ -39,7 +41,7 @@ def test_the_note_holds_the_personas_own_concerns_and_nothing_else(style):
                 assert not any(q in note for q in questions[other["id"]])
 
 
-class ScriptedDecoder(rollout.KVBatch):
+class ScriptedDecoder(kvbatch.KVBatch):
     """KVBatch whose `generate` returns scripted agent turns (token ids + end of turn) instead of sampling,
     so a rollout's ids can be compared with `render_call` of the same texts."""
     script = {}
@@ -105,7 +107,7 @@ def test_the_expert_keeps_to_the_turn_budget_and_one_move_of_each_kind(tokenizer
     assert second.startswith(W.shortest_answer(tokenizer, next(c for c in obs["bank"]["concerns"] if c["id"] == cid)))
     assert second.count("?") <= 1                                  # an answer and at most one question
     obs.update(turn=3, voiced=set(), status={c.id: "resolved" for c in persona.concerns})
-    assert W.expert_turn(obs, tokenizer, 39) == S._push(obs["bank"])
+    assert W.expert_turn(obs, tokenizer, 39) == SA.push_line(obs["bank"])
 
 
 def test_the_warm_start_learns_its_calls_and_folds_into_the_weights(tiny_dir, tmp_path, tokenizer):

@@ -24,7 +24,7 @@ import torch
 
 import lm
 import personas as P
-from ask_data import LogError
+from learn_to_ask.data import LogError
 
 STOP_TEXT = "</state>"      # decoding stops here: every well-formed reply ends with it
 ACTION_FORMAT = re.compile(r"^\s*<action>(.*?)</action>\s*<state>(.*?)</state>\s*$", re.S)

@@ -1,18 +1,18 @@
-"""The static-shape decode engine (rollout.StaticKVBatch, `rollout.compile`): the same dialogues as the
-eager KVBatch -- compiled or not, for the adapter-on policy and the adapter-off simulator view, across
-row buckets, calls leaving the batch and rollbacks -- a bounded number of compilations, and memory-sized
-waves in the model's real dtype."""
+"""The KV engines (kvbatch.py): KVBatch's rollback, new rows, shared prefixes and sampling; the static-shape
+engine (StaticKVBatch, `rollout.compile`) plays the same dialogues as the eager one -- compiled or not, for the
+adapter-on policy and the adapter-off simulator view, across row buckets, calls leaving the batch and
+rollbacks -- with a bounded number of compilations; memory-sized waves in the model's real dtype."""
 import functools
 
 import pytest
 import torch
 
+import kvbatch
 import lm
 import personas as P
 import rollout
 import simulator as S
-from conftest import make_tiny_model
-from test_rollout import make_stopping_model
+from conftest import make_stopping_model, make_tiny_model
 
 
 def lora_policy(tokenizer):
@@ -47,7 +47,7 @@ def assert_same(a, b, atol=1e-4):
 
 
 def test_row_buckets_hold_the_rows_and_waste_under_a_third():
-    sizes = [rollout.row_bucket(n) for n in range(1, 200)]
+    sizes = [kvbatch.row_bucket(n) for n in range(1, 200)]
     assert sizes[:9] == [1, 2, 3, 4, 6, 6, 8, 8, 12]
     assert all(b >= n and (b - n) / b < 1 / 3 for n, b in enumerate(sizes, 1))
     assert sizes == sorted(sizes) and len(set(sizes)) <= 2 * 8 + 1      # O(log n) shapes up to 199 rows
@@ -58,20 +58,20 @@ def test_static_layout_plays_the_eager_engines_dialogues(cfg, tokenizer):
     with rows bucketed, calls leaving, turns cut at the callee's part (rollbacks) and the cache growing
     past a block."""
     model = lora_policy(tokenizer)
-    static = functools.partial(rollout.StaticKVBatch, compile=False)
+    static = functools.partial(kvbatch.StaticKVBatch, compile=False)
     for temperature in (0.0, 0.7):
-        ref = play(cfg, tokenizer, model, rollout.KVBatch, temperature)
+        ref = play(cfg, tokenizer, model, kvbatch.KVBatch, temperature)
         out = play(cfg, tokenizer, model, static, temperature)
         assert_same(ref, out)
     assert len({t.decision for t in ref}) > 1 or len({len(t.ids) for t in ref}) > 1    # calls end apart
-    assert max(len(t.ids) for t in ref) > rollout.StaticKVBatch.BLOCK                 # capacity grew
+    assert max(len(t.ids) for t in ref) > kvbatch.StaticKVBatch.BLOCK                 # capacity grew
 
 
 def test_static_batch_buckets_shrink_and_rollback(tokenizer):
     """Rows leave: the buffers shrink to the next bucket only when the live rows fit it; a rollback hides
     the forgotten slots; a new row joins an existing static batch."""
     model = make_tiny_model(tokenizer)
-    batch = rollout.StaticKVBatch(model, tokenizer.pad_token_id, compile=False)
+    batch = kvbatch.StaticKVBatch(model, tokenizer.pad_token_id, compile=False)
     for i in range(10):
         batch.add(i, [1, 2, 3 + i, 4, 5][:2 + i % 4])
     batch.generate(3, {tokenizer.eos_token_id})
@@ -89,7 +89,7 @@ def test_static_batch_buckets_shrink_and_rollback(tokenizer):
     assert set(out) == set(batch.keys) == {1, 2, 3, 4, 6, 7, 8, 9, 10}
     assert not torch.isnan(batch.cache.layers[0].keys).any()
 
-    eager = rollout.KVBatch(model, tokenizer.pad_token_id)
+    eager = kvbatch.KVBatch(model, tokenizer.pad_token_id)
     for k in batch.keys:
         eager.add(k, batch.ids(k))
     again = batch.generate(4, {tokenizer.eos_token_id})
@@ -103,21 +103,21 @@ def test_compiled_step_equals_eager_with_bounded_recompilation(cfg, tokenizer):
     second rollout of the same shapes compiles nothing new."""
     from torch._dynamo.utils import counters
     torch._dynamo.reset()
-    rollout._STEPS.clear()
+    kvbatch._STEPS.clear()
     model = lora_policy(tokenizer)
-    ref = play(cfg, tokenizer, model, rollout.KVBatch)
+    ref = play(cfg, tokenizer, model, kvbatch.KVBatch)
     shapes = set()
-    original = rollout.StaticKVBatch._step
+    original = kvbatch.StaticKVBatch._step
 
     def spy(self, step_ids, active):
         shapes.add((tuple(self.mask.shape), self.adapter))
         return original(self, step_ids, active)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(rollout.StaticKVBatch, "_step", spy)
-        out = play(cfg, tokenizer, model, rollout.StaticKVBatch)
+        mp.setattr(kvbatch.StaticKVBatch, "_step", spy)
+        out = play(cfg, tokenizer, model, kvbatch.StaticKVBatch)
         graphs = counters["stats"]["unique_graphs"]
-        again = play(cfg, tokenizer, model, rollout.StaticKVBatch)
+        again = play(cfg, tokenizer, model, kvbatch.StaticKVBatch)
     assert_same(ref, out)
     assert_same(out, again, atol=0)
     assert {adapter for _, adapter in shapes} == {True, False}
@@ -128,40 +128,84 @@ def test_compiled_step_equals_eager_with_bounded_recompilation(cfg, tokenizer):
 def test_compile_setting_picks_the_engine(cfg, tokenizer):
     model = make_tiny_model(tokenizer)
     roll = cfg["rollout"]
-    assert rollout.decoder_for(model, {**roll, "compile": "off"}) is rollout.KVBatch
-    assert rollout.decoder_for(model, {**roll, "compile": "auto"}) is rollout.KVBatch    # the CPU: eager
-    on = rollout.decoder_for(model, {**roll, "compile": "on"})
-    assert on.func is rollout.StaticKVBatch and on.keywords["capacity"] is None         # grows on the CPU
+    assert kvbatch.decoder_for(model, {**roll, "compile": "off"}) is kvbatch.KVBatch
+    assert kvbatch.decoder_for(model, {**roll, "compile": "auto"}) is kvbatch.KVBatch    # the CPU: eager
+    on = kvbatch.decoder_for(model, {**roll, "compile": "on"})
+    assert on.func is kvbatch.StaticKVBatch and on.keywords["capacity"] is None         # grows on the CPU
 
 
 def test_waves_are_sized_from_the_devices_memory_in_the_real_dtype(cfg, tokenizer, monkeypatch):
     model = make_tiny_model(tokenizer)
-    fp32 = rollout.kv_bytes_per_row(model, 1000)
+    fp32 = kvbatch.kv_bytes_per_row(model, 1000)
     text = model.config
     assert fp32 == 2 * text.num_hidden_layers * text.num_key_value_heads * (text.hidden_size // text.num_attention_heads) * 1000 * 4
-    assert rollout.kv_bytes_per_row(model.to(torch.bfloat16), 1000) * 2 == fp32
+    assert kvbatch.kv_bytes_per_row(model.to(torch.bfloat16), 1000) * 2 == fp32
     model.float()
-    before = rollout.free_memory("cpu")
+    before = kvbatch.free_memory("cpu")
     ballast = torch.ones(50_000_000)             # 200 MB in use by now: what is free changes, the wave must not
-    assert rollout.free_memory("cpu") == before > ballast.numel()
-    monkeypatch.setattr(rollout, "free_memory", lambda device: 40 * fp32)
-    assert rollout.wave_rows(model, {**cfg["rollout"], "wave_rows": 0, "max_context": 1000}) == 10
-    assert rollout.wave_rows(model, {**cfg["rollout"], "wave_rows": 7}) == 7
+    assert kvbatch.free_memory("cpu") == before > ballast.numel()
+    monkeypatch.setattr(kvbatch, "free_memory", lambda device: 40 * fp32)
+    assert kvbatch.wave_rows(model, {**cfg["rollout"], "wave_rows": 0, "max_context": 1000}) == 10
+    assert kvbatch.wave_rows(model, {**cfg["rollout"], "wave_rows": 7}) == 7
 
 
-def test_the_gpu_check_runs_every_step_and_writes_one_json(tmp_path):
-    """`bash scripts/gpu_check.sh --smoke`: the GPU command's steps (both benches with the compiled
-    engine, a random model written, savpo.py on it) at toy sizes on the CPU, gathered into one JSON."""
-    import json
-    import os
-    import subprocess
-    env = {**os.environ, "GPU_CHECK_OUT": str(tmp_path / "check"), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(["bash", "scripts/gpu_check.sh", "--smoke"], capture_output=True, text=True, env=env,
-                          timeout=900)
-    report = json.loads(done.stdout.strip().splitlines()[-1])
-    assert json.load(open(tmp_path / "check" / "gpu_check.json")) == report
-    assert {k: report[k]["rc"] for k in ("bench_a", "bench_b", "write_model", "savpo")} == dict.fromkeys(
-        ("bench_a", "bench_b", "write_model", "savpo"), 0), done.stderr[-2000:]
-    bench = report["bench_a"]["result"]
-    assert bench["identical_dialogues"] is True and bench["kv_compiled_tok_s"] > 0
-    assert report["savpo"]["steps"][0]["step_s"] > 0 and report["savpo"]["steps"][0]["peak_mem_gb"] > 0
+def test_kvbatch_rollback_and_new_rows(tokenizer, stopping_model):
+    """Rolling back generated tokens and adding a row mid-way decode exactly like fresh sequences."""
+    eos = tokenizer.eos_token_id
+    a = lm.encode(tokenizer, "<|im_start|>user\nhello there<|im_end|>\n<|im_start|>assistant\n")
+    b = lm.encode(tokenizer, "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+    batch = kvbatch.KVBatch(stopping_model, tokenizer.pad_token_id)
+    batch.add("a", a)
+    out = batch.generate(5, {eos})
+    batch.rollback("a", len(out["a"][0]))
+    assert batch.ids("a") == a
+    batch.add("b", b)
+    out = batch.generate(5, {eos})
+    fresh = kvbatch.KVBatch(stopping_model, tokenizer.pad_token_id)
+    fresh.add("a", a)
+    fresh.add("b", b)
+    again = fresh.generate(5, {eos})
+    for key in "ab":
+        assert again[key][0] == out[key][0]
+        torch.testing.assert_close(torch.tensor(again[key][1]), torch.tensor(out[key][1]))
+
+
+def test_sampling_matches_the_distribution_and_the_nucleus():
+    """Inverse-CDF sampling draws from softmax(logits / T); with top-p it keeps exactly the tokens
+    transformers' TopPLogitsWarper keeps, and never samples a token outside them."""
+    from transformers.generation.logits_process import TopPLogitsWarper
+    torch.manual_seed(0)
+    logits = torch.randn(1, 12) * 2
+    gen = kvbatch.device_generator(1, "cpu")
+    draws = torch.cat([kvbatch.sample_next(logits.expand(4000, -1), 0.8, 1.0, gen)[0] for _ in range(5)])
+    freq = torch.bincount(draws, minlength=12).float() / len(draws)
+    torch.testing.assert_close(freq, torch.softmax(logits[0] / 0.8, -1), atol=0.01, rtol=0)
+    kept = TopPLogitsWarper(0.7)(None, logits / 0.8).isfinite()[0]
+    tokens, logprobs = kvbatch.sample_next(logits.expand(20000, -1), 0.8, 0.7, gen)
+    assert set(tokens.tolist()) == set(kept.nonzero().squeeze(-1).tolist())
+    expected = torch.log_softmax(logits[0] / 0.8, -1)[tokens]          # recorded at T, before the nucleus
+    torch.testing.assert_close(logprobs, expected)
+
+
+def test_dialogues_of_one_persona_share_their_prompts_prefill_and_play_the_same(cfg, tokenizer):
+    """KVBatch computes a prefix the G rollouts of a persona share (its system prompt) once and copies its
+    cache slots: the greedy dialogues are the very ones played without sharing, the log-probs agree to
+    float rounding, and far fewer tokens are prefilled."""
+    model = make_stopping_model(tokenizer)
+    people = P.sample_many(["merchant_recruitment", "courier_recruitment"], 2, seed=0)
+    batches = []
+
+    def play(share):
+        class Decoder(kvbatch.KVBatch):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **{**kwargs, "share_prefix": share})
+                batches.append(self)
+        sim = S.CognitiveUserSimulator({**cfg["simulator"], "appraiser": "lexical", "utterance": "template"}, seed=0)
+        return rollout.run(model, tokenizer, sim, people, {**cfg["rollout"], "temperature": 0.0, "max_new_tokens": 8},
+                           group_size=3, decoder=Decoder)
+
+    plain, shared = play(False), play(True)
+    assert [t.ids for t in plain] == [t.ids for t in shared]
+    assert max(abs(a - b) for p, s in zip(plain, shared) for a, b in zip(p.logprobs, s.logprobs)) < 1e-4
+    system = len(lm.message_ids(tokenizer, "system", P.agent_system_prompt(people[0]))[1])
+    assert batches[1].prefill_tokens < batches[0].prefill_tokens - 2 * 2 * system     # 2 of 3 rows skip it

@@ -1,7 +1,7 @@
 """Learn-to-Ask, part 1: offline logs -> (context, observed future) samples.
 
-    python learn_to_ask.py make-logs     # sample logs: our simulator's customers vs a privileged expert
-    python learn_to_ask.py prepare       # logs -> samples with decision_truth / info_truth, train/test split
+    python -m learn_to_ask make-logs     # sample logs: our simulator's customers vs a privileged expert
+    python -m learn_to_ask prepare       # logs -> samples with decision_truth / info_truth, train/test split
 
 A log is one call per JSONL line: `session_id` and `messages` (role, content). `split_session` cuts it
 after every run of customer (user) messages: the *context* is the full prefix, the *observed future*
@@ -28,7 +28,7 @@ import yaml
 import lm
 import personas as P
 import simulator as S
-from rollout import KVBatch
+from kvbatch import KVBatch
 
 ROLES = ("system", "user", "assistant")
 PUSH_LINES = ["So, shall I get you started today?", "Would you like to sign up today?",
@@ -62,7 +62,7 @@ def read_logs(path, on_bad_line="skip", log=print):
     """Sessions from a JSONL log, one per line. A malformed line is reported as 'FILE:LINE: reason'
     and skipped (`on_bad_line=skip`) or stops the run (`refuse`). Returns (sessions, problems)."""
     if not os.path.exists(path):
-        raise LogError(f"log file '{path}' does not exist; run `python learn_to_ask.py make-logs` or set "
+        raise LogError(f"log file '{path}' does not exist; run `python -m learn_to_ask make-logs` or set "
                        f"learn_to_ask.logs to your JSONL logs.")
     sessions, problems, seen = [], [], set()
     with open(path) as f:
@@ -269,5 +269,5 @@ def samples_path(cfg):
 def load_samples(cfg, split):
     path = samples_path(cfg)
     if not os.path.exists(path):
-        raise LogError(f"samples file '{path}' does not exist; run `python learn_to_ask.py prepare` first.")
+        raise LogError(f"samples file '{path}' does not exist; run `python -m learn_to_ask prepare` first.")
     return [s for s in map(json.loads, open(path)) if s["split"] == split]

@@ -1,16 +1,16 @@
 """Learn-to-Ask: learn when to ask and when to stop from offline dialogue logs (no simulator in the loop).
 
-    python learn_to_ask.py make-logs     # sample logs: our simulator's customers vs a privileged expert
-    python learn_to_ask.py prepare       # logs -> (context, observed future) samples, train/test split
-    python learn_to_ask.py calibrate learn_to_ask.grader=llm   # grader prompts vs hand labels
-    python learn_to_ask.py train         # GRPO + LoRA on the single-step samples (~15 min on a CPU)
-    python learn_to_ask.py eval [--adapter runs/learn_to_ask]  # base (no adapter) or trained; + stop diagnosis
-    python learn_to_ask.py play [--adapter runs/learn_to_ask]  # online check against the simulator
+    python -m learn_to_ask make-logs     # sample logs: our simulator's customers vs a privileged expert
+    python -m learn_to_ask prepare       # logs -> (context, observed future) samples, train/test split
+    python -m learn_to_ask calibrate learn_to_ask.grader=llm   # grader prompts vs hand labels
+    python -m learn_to_ask train         # GRPO + LoRA on the single-step samples (~15 min on a CPU)
+    python -m learn_to_ask eval [--adapter runs/learn_to_ask]  # base (no adapter) or trained; + stop diagnosis
+    python -m learn_to_ask play [--adapter runs/learn_to_ask]  # online check against the simulator
 
 Learn-to-Ask ("Grounded in Reality", arXiv 2510.25441) turns expert logs into single-step RL samples
-(ask_data.py: each log cut after every customer turn, `decision_truth` and `info_truth` from the
+(data.py: each log cut after every customer turn, `decision_truth` and `info_truth` from the
 observed future), which the policy answers with an (action, state assessment) pair scored by the
-published reward R = R_s * (1 + beta * R_a) + P (ask_reward.py). This file is the policy side: its
+published reward R = R_s * (1 + beta * R_a) + P (reward.py). This file is the policy side: its
 prompt, sampling with a prefilled `<action>`, GRPO, evaluation with the stop diagnosis, and the
 online check against the Cognitive User Simulator.
 
@@ -20,7 +20,7 @@ the reply prefilled as `<action>`, a stop must continue with `<stop/>`, and the 
 sampled (measured: P(stop) ~0.0000 on stop samples). The format therefore puts a space after
 `<action>` (' <' 'stop' '/>' is a natural continuation), and the prompt says when a call is over
 (the customer has decided) with an example of each action; `eval` reports the exact probability of
-the stop marker on stop and on continue samples, and how often it is sampled (README). Training
+the stop marker on stop and on continue samples, and how often it is sampled (docs/learn_to_ask.md). Training
 batches hold `stop_fraction` stop samples, so GRPO meets the rare stop often enough to amplify it.
 
 Simplified or chosen here: no KL to a reference (the paper's example uses 0.001) and one epoch per
@@ -39,17 +39,16 @@ import time
 
 import torch
 
-import ask_data as D
-import ask_reward as R
 import checkpoint
 import config
 import eval as evaluation
+import kvbatch
 import lm
 import losses
 import personas as P
-import rollout
 import simulator as S
-from rollout import KVBatch
+from kvbatch import KVBatch
+from learn_to_ask import data as D, load_config, reward as R
 
 POLICY_SYSTEM = (
     "You are the caller on a sales call. Ask one short question at a time to find out what worries the "
@@ -137,7 +136,7 @@ def grpo_update(model, optimizer, prompts, completions, advantages, lt, temperat
             old_logp = torch.cat([old[i] for i in idx])
             adv = torch.tensor([float(advantages[i]) for i in idx for _ in completions[i][0]], device=logits.device)
             pg, clip, _ = losses.clipped_pg_loss(logp[None], old_logp[None], adv[None], torch.ones_like(adv)[None],
-                                                 lt["eps_low"], lt["eps_high"])
+                                                 eps_low=lt["eps_low"], eps_high=lt["eps_high"])
             (pg * len(target) / total).backward()
             stats["pg_loss"] += pg.item() * len(target) / total / lt["epochs"]
             stats["clip_frac"] += clip.item() * len(target) / total / lt["epochs"]
@@ -207,13 +206,14 @@ def train(cfg, resume=False):
         t0 = time.perf_counter()
         batch = batches(step)
         prompts = [prompt_ids(tokenizer, s["context"], lt["response_prefix"]) for s in batch]
-        generator = rollout.device_generator(seed * 100_003 + step, model)
+        generator = kvbatch.device_generator(seed * 100_003 + step, model)
         groups = sample_completions(model, tokenizer, prompts, G, lt["max_new_tokens"], T, generator, lt["response_prefix"])
         gen_s = time.perf_counter() - t0
         flat = [c for g in groups for c in g]                                    # (k * G) completions
         records = R.score([s for s in batch for _ in range(G)], [c[2] for c in flat], grade, lt)
         rewards = torch.tensor([r["R"] for r in records])
-        adv, _ = losses.stpr_advantages(rewards, [torch.zeros(1)] * len(flat), torch.arange(k).repeat_interleave(G), "outcome")
+        adv, _ = losses.stpr_advantages(rewards, [torch.zeros(1)] * len(flat), torch.arange(k).repeat_interleave(G),
+                                        mode="outcome")
         stats = grpo_update(model, optimizer, [p for p in prompts for _ in range(G)], flat, adv, lt, T)
         n_tok = sum(len(c[0]) for c in flat)
         record = {"step": step + 1, **R.summarize(records), "reward_std": round(float(rewards.std(unbiased=False)), 4),
@@ -227,7 +227,7 @@ def train(cfg, resume=False):
                    f"{record['decision_acc']:.2f} format {record['format_mean']:.2f} content {record['content_mean']:.2f} "
                    f"malformed {record['malformed']:.2f} | pg {record['pg_loss']:+.4f} | {record['step_s']:.0f}s")
     print(f"outputs: {metrics_path}, {out}/config.yaml, {out}/checkpoints/ (evaluate: "
-          f"python learn_to_ask.py eval --adapter {out})")
+          f"python -m learn_to_ask eval --adapter {out})")
     return model
 
 
@@ -292,7 +292,7 @@ def evaluate(cfg, adapter=None):
     samples = sorted(samples, key=lambda s: hashlib.sha1(s["sample_id"].encode()).hexdigest())[:lt["n_eval_samples"]]
     tokenizer, model = load_policy(cfg, adapter)
     grade, n = R.make_grader(cfg, model, tokenizer), lt["eval_rollouts"]
-    generator = rollout.device_generator(cfg["seed"] + 7, model)
+    generator = kvbatch.device_generator(cfg["seed"] + 7, model)
     from tqdm import tqdm
     texts = []
     for start in tqdm(range(0, len(samples), 8), desc="eval", unit="batch"):
@@ -345,12 +345,12 @@ def play(cfg, adapter=None):
     if cfg["simulator"]["model"]:
         sim_tokenizer, sim_model = lm.load_model({**cfg["model"], "name_or_path": cfg["simulator"]["model"], "warm_start": ""})
     sim = S.CognitiveUserSimulator({**cfg["simulator"], "max_turns": lt["play_turns"]}, sim_model, sim_tokenizer,
-                                   seed=cfg["seed"], decoder=rollout.decoder_for(sim_model, cfg["rollout"]))
+                                   seed=cfg["seed"], decoder=kvbatch.decoder_for(sim_model, cfg["rollout"]))
     dialogues = [[{"role": "system", "content": D.call_details(p)}, {"role": "user", "content": o}]
                  for p, o in zip(persona_list, sim.reset(persona_list))]
     n = len(persona_list)
     phase, verdicts, malformed = ["talk"] * n, ["no stop"] * n, 0
-    generator = rollout.device_generator(cfg["seed"] + 11, model)
+    generator = kvbatch.device_generator(cfg["seed"] + 11, model)
     from tqdm import tqdm
     bar = tqdm(total=lt["play_turns"] + 1, desc="play", unit="turn", leave=False)   # + the reply after a decision
     while any(p in ("talk", "decided") for p in phase):
@@ -423,7 +423,7 @@ def main(argv=None):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides += extra                     # key=value overrides given after a --flag
     try:
-        cfg = config.load(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides)
     except config.ConfigError as e:
         raise SystemExit(f"config error: {e}")
     torch.manual_seed(cfg["seed"])

@@ -1,0 +1,81 @@
+"""The appraisers' reading of one agent turn (appraisal.py): asking is not telling, a fact answers a worry
+only in a sentence about it and only if it is true, and every appraiser returns the one `Appraisal`."""
+
+import pytest
+
+import appraisal as A
+import facts as F
+import personas as P
+import validity as V
+
+
+@pytest.mark.parametrize("kind", ["lexical", "semantic"])
+def test_asking_is_a_probe_telling_is_not(rules, kind):
+    texts = ["Can I ask how much commission you could afford?",          # a question: probe
+             "Tell me how you feel about the commission we'd take.",      # an invitation: probe
+             "Our commission is the lowest in town.",                     # a statement with the topic word
+             "I won't bother you with questions about commission today.",  # a negated question
+             "Commission is 15% for the first six months, with no setup fee."]   # an answer, not a probe
+    got = V.appraise_items(kind, [{"text": t, "domain": "merchant_recruitment"} for t in texts], rules)
+    assert ["commission_fees" in g.probed for g in got] == [True, True, False, False, False]
+    assert "commission_fees" in got[4].addressed and "commission_fees" not in got[2].addressed
+
+
+def test_every_concern_has_something_checkable_and_the_banks_own_answers_are_never_false(cfg):
+    """The checker's precision floor: the bank's resolution and every answer exemplar, said right after the
+    callee voiced the worry, are never read as a false claim (semantic appraiser)."""
+    app = A.SemanticAppraiser(cfg["simulator"]["rules"])
+    for domain in P.list_domains():
+        bank = P.load_bank(domain)
+        for c in bank["concerns"]:
+            sheet = F.truth_book(domain)[c["id"]]
+            assert sheet["figures"] or sheet["denies"] or sheet["asserts"], (domain, c["id"])
+        items = [(c["id"], t) for c in bank["concerns"] for t in [c["resolution"], *c["answer_examples"]]]
+        out = app([t for _, t in items], [domain] * len(items), [(cid,) for cid, _ in items])
+        assert [(cid, t) for (cid, t), r in zip(items, out) if r.false_claims] == []
+        assert sum(cid in r.addressed for (cid, _), r in zip(items, out)) >= 0.95 * len(items)
+
+
+def test_a_bluff_is_checked_against_the_worry_just_voiced(cfg):
+    """A statement naming no topic ("It's only 5 percent, nothing to worry about.") is about what the callee
+    has just voiced; the same words with no worry voiced are unverifiable."""
+    app = A.SemanticAppraiser(cfg["simulator"]["rules"])
+    text = "It's only 5 percent, honestly nothing to worry about."
+    heard, unheard = app([text, text], ["merchant_recruitment"] * 2, [("commission_fees",), ()])
+    assert heard.false_claims == {"commission_fees"} and not heard.addressed
+    assert "commission_fees" not in unheard.false_claims
+    # ... and the true figure, said the same way, answers the voiced worry (listening)
+    honest = app(["It's fifteen per cent."], ["merchant_recruitment"], [("commission_fees",)])[0]
+    assert honest.addressed == {"commission_fees"} and not honest.false_claims
+
+
+@pytest.mark.parametrize("kind", ["lexical", "semantic"])
+def test_both_appraisers_flag_a_false_figure_and_it_addresses_nothing(cfg, kind):
+    items = [{"text": "Commission is a flat thirty percent on every order.", "domain": "merchant_recruitment"},
+             {"text": "Commission is 15% for the first six months, then 22%.", "domain": "merchant_recruitment"}]
+    lie, truth = V.appraise_items(kind, items, cfg["simulator"]["rules"])
+    assert lie.false_claims == {"commission_fees"} and not lie.addressed
+    assert not truth.false_claims and truth.addressed == {"commission_fees"}
+
+
+@pytest.mark.parametrize("sentence, answers", [
+    ("Every week brings you to another app.", False),       # the payout fact's words, about another app
+    ("Every week brings new customers to your door.", False),
+    ("Every week you can grow with us.", False),
+    ("Payouts come every week.", True),                      # about the worry: names or resembles it
+    ("Every week, straight to your bank.", True),
+    ("Every week.", True),                                   # a bare reply: about the worry just voiced
+    ("Weekly, every Monday.", True),
+])
+def test_a_fact_answers_a_worry_only_in_a_sentence_about_it(cfg, sentence, answers):
+    """The semantic appraiser: a resolve cue or a true figure of the worry the callee voiced answers it only
+    where the sentence names or resembles that worry, or is a bare reply. The base policy won a held-out call
+    with 'Every week brings you to another app.' after a payout-timing worry (docs/results.md)."""
+    app = A.SemanticAppraiser(cfg["simulator"]["rules"])
+    out = app([sentence], ["merchant_recruitment"], [("payout_cash_flow",)])[0]
+    assert ("payout_cash_flow" in out.addressed) == answers and not out.false_claims
+
+
+def test_bare_reply():
+    assert A.bare_reply("It's fifteen per cent.") and A.bare_reply("Every week.")
+    assert not A.bare_reply("Every week brings you to another app.")

@@ -1,0 +1,63 @@
+"""The fact check (facts.py): figures are read however they are written, and a claim about a concern is
+checked against the bank's fact for that concern. Each adversary of the simulator issue is a case: a wrong
+number, a wrong frequency, a fee that does not exist, a bluff with no topic word."""
+
+import pytest
+
+import facts as F
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("Commission is fifteen per cent for the first six months.", [("percent", 15), ("duration", 6 * 730.5)]),
+    ("It's three in every twenty orders.", [("percent", 15)]),
+    ("We keep 0.15 of each order.", [("percent", 15)]),
+    ("Payouts come every week.", [("frequency", 168)]),
+    ("You can leave with a week's notice.", [("duration", 168)]),
+    ("Eighteen dollars an hour, guaranteed.", [("money", 18)]),
+    ("It's $4.50 a job plus 80 cents per km.", [("money", 4.5), ("money", 0.8)]),
+    ("Thirty thousand restaurants are with us.", [("count", 30000)]),
+    ("The check takes between 3 and 5 days.", [("duration", 72)]),     # a range: (72, 120)
+    ("You get a quarter off e-bike rental.", [("percent", 25)]),
+    ("Support is 24/7.", [("availability", 24)]),
+    ("Phone support runs nine to five.", [("availability", 8)]),
+    ("Riders must be 18 or older.", [("age", 18)]),
+    ("The bags are free.", [("money", 0)]),
+    ("There is no 12-month contract.", []),                            # a negated figure is no claim
+    ("You won't pay a cent for your first 200 bags.", [("count", 200)]),  # the negation is not the figure's
+    ("Say you're online five hours, you still get $90.", [("money", 90)]),  # a worked example is no claim
+])
+def test_figures_read_numbers_however_they_are_written(text, expected):
+    got = [(kind, lo) for kind, lo, hi, words in F.figures(text)]
+    assert [(k, pytest.approx(v)) for k, v in expected] == got
+
+
+def claims(domain, sentence, about):
+    return F.check_claims(sentence, set(about), F.truth_book(domain))
+
+
+@pytest.mark.parametrize("domain, sentence, concern, verdict", [
+    # the simulator issue's adversaries: false facts are false, whatever their form
+    ("merchant_recruitment", "Our commission is a flat thirty percent on every order.", "commission_fees", "false"),
+    ("merchant_recruitment", "Payouts come once a month.", "payout_cash_flow", "false"),
+    ("courier_recruitment", "There's a small refundable verification fee, paid by card.", "scam_suspicion", "false"),
+    ("merchant_recruitment", "Commission is 15% for your first year.", "commission_fees", "false"),   # one true, one false
+    ("broadband_switch", "We run a quick credit check first.", "credit_check", "false"),
+    ("broadband_switch", "There's a fair-use cap of 800 GB a month.", "data_caps", "false"),
+    ("courier_recruitment", "You'd get a warning, but there's no appeal.", "account_deactivation", "false"),
+    # true paraphrases, numbers written differently
+    ("merchant_recruitment", "It's fifteen per cent for half a year, then 22%.", "commission_fees", "true"),
+    ("merchant_recruitment", "We keep 0.15 of each order at first.", "commission_fees", "true"),
+    ("merchant_recruitment", "Three in every twenty orders, for the first six months.", "commission_fees", "true"),
+    ("merchant_recruitment", "You can leave any time with a week's notice.", "contract_lockin", "true"),
+    ("courier_recruitment", "We never charge riders any fee.", "scam_suspicion", "true"),
+    ("courier_recruitment", "A five kilometre job pays $8.50 before tips.", "pay_transparency", "true"),   # 4.50 + 0.80 x 5
+    ("broadband_switch", "There's no hard credit check, only an identity check.", "credit_check", "true"),
+    # a true-but-different fact, not in the bank: unverifiable, neither false nor a fact of the concern
+    ("merchant_recruitment", "Over two million people order from us every week.", "commission_fees", "neither"),
+    # a remark about the world, not the offer, is no claim
+    ("broadband_switch", "Credit checks come up quite a bit on these calls.", "credit_check", "neither"),
+])
+def test_a_claim_is_checked_against_the_concerns_fact(domain, sentence, concern, verdict):
+    false, verified = claims(domain, sentence, [concern])
+    assert (concern in false, concern in verified) == {"false": (True, False), "true": (False, True),
+                                                        "neither": (False, False)}[verdict]

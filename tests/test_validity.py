@@ -1,0 +1,76 @@
+"""Is the simulator's reading right? The scripted-agent validity matrix (knowing the concerns and telling the
+truth wins, no cheap or lying policy does) and the appraisers on held-out labelled lines (validity.py)."""
+
+import os
+
+import pytest
+
+import personas as P
+import scripted_agents as SA
+import validity as V
+
+
+@pytest.fixture(scope="module")
+def cfg_module():
+    import config
+    return config.load()
+
+
+@pytest.fixture(scope="module")
+def validity(cfg_module):
+    return V.validity_matrix(cfg_module["simulator"], n_per_domain=90, seed=0)
+
+
+def test_validity_matrix_knowing_the_concerns_wins_and_no_cheap_policy_does(validity):
+    """270 stratified personas over the three domains, default rules and (semantic) appraiser; the natural
+    agents speak held-out lines (data/natural_agents.yaml), written apart from the banks."""
+    rate = {name: row["all"] for name, row in validity.items()}
+    # speaking naturally and honestly wins; inventing facts does not, knowing the concerns or not
+    assert rate["natural privileged"] >= 0.7
+    for name in ("natural hallucinating privileged", "natural hallucinating listener", "number bluffer"):
+        assert rate[name] <= 0.05 and rate[name] < rate["natural listener"], name
+    assert rate["privileged prober"] >= 0.8
+    assert 0.1 <= rate["generic prober"] <= rate["privileged prober"] - 0.3   # knowing the concerns matters
+    for name, (_, knows, asks) in SA.SCRIPTED_AGENTS.items():
+        if not knows and not asks:                 # stuffers, dumpers, echo, pushers, passive
+            assert rate[name] <= 0.15, name
+    for name in ("pusher", "passive", "keyword stuffer", "fact dumper", "topic lister", "listener + fact dump", "echo",
+                 "figure echoer"):
+        assert rate[name] <= 0.05, name
+    for row in validity.values():                  # and in every domain, not only on average
+        assert all(0 <= v <= 1 for v in row.values())
+    assert min(validity["privileged prober"][d] for d in validity["privileged prober"]) >= 0.75
+
+
+def test_echoing_the_callees_own_figure_resolves_nothing(cfg_module):
+    """The figure echoer puts the figure a callee just said ("I pay my suppliers every week") into a sentence
+    about something else ("Every week brings you to another app."). Where that figure is the bank's true
+    fact (weekly payouts) it used to resolve the worry: 7 of 90 merchant calls before the fix."""
+    calls = []
+    SA.play_scripted(SA.figure_echoer, P.sample("merchant_recruitment", 90, 0), cfg_module["simulator"], 0,
+                    transcripts=calls)
+    turns = [(m["content"], s) for call in calls
+             for m, s in zip([m for m in call["messages"] if m["role"] == "assistant"], call["states"])]
+    echoed = [s for text, s in turns if text.startswith("Every week brings") and "payout_cash_flow" in s["concern_status"]]
+    assert len(echoed) >= 5                                           # the exploit was tried where it paid
+    assert all(not s["events"]["resolved"] for _, s in turns)
+
+
+def test_semantic_appraiser_on_held_out_natural_lines(cfg_module):
+    """data/appraisal_labels.jsonl: 157 natural salesperson lines, written apart from the exemplars."""
+    items = V.read_labels(os.path.join(os.path.dirname(P.DOMAIN_DIR), "appraisal_labels.jsonl"))
+    assert len(items) >= 90 and {it["domain"] for it in items} == set(P.list_domains())
+    rules = cfg_module["simulator"]["rules"]
+    semantic = V.scores(items, V.appraise_items("semantic", items, rules))
+    lexical = V.scores(items, V.appraise_items("lexical", items, rules))
+    assert semantic["probe"]["f1"] >= 0.8 and semantic["addresses"]["f1"] >= 0.8
+    assert semantic["probe"]["f1"] > lexical["probe"]["f1"] + 0.3       # why semantic is the default
+
+
+def test_false_claims_on_held_out_labelled_lines(cfg):
+    """data/appraisal_labels.jsonl: wrong-fact lines, true paraphrases with numbers written differently and
+    bluffs, written apart from the banks; the thresholds are below the measured 0.93 / 0.76 (docs/simulator.md)."""
+    items = V.read_labels(os.path.join(os.path.dirname(P.DOMAIN_DIR), "appraisal_labels.jsonl"))
+    assert sum(bool(it.get("false_claim")) for it in items) >= 60
+    s = V.scores(items, V.appraise_items("semantic", items, cfg["simulator"]["rules"]))["false_claim"]
+    assert s["precision"] >= 0.85 and s["recall"] >= 0.7

@@ -1,0 +1,157 @@
+"""Is the simulator's reading of an agent turn right? Two measurements, each a command. Read later.
+
+    python validity.py matrix [--personas 90] [--natural-lines FILE]   # scripted agents vs the rules
+    python validity.py appraisers [--appraisers lexical,semantic,llm] [--labels FILE]   # P / R / F1
+
+`matrix`: every scripted agent (scripted_agents.py) plays stratified personas of every domain; the
+success rate of each is the table in docs/simulator.md. Agents that know the concerns and answer
+truthfully must win; every cheap, passive or lying policy must not (the thresholds are tests).
+
+`appraisers`: precision, recall and F1 of each appraiser per label on natural salesperson lines
+labelled by hand (data/appraisal_labels.jsonl, held out: written independently of the exemplars;
+thresholds were chosen on data/appraisal_dev.jsonl). probe / addresses / false_claim are counted over
+(line, concern) pairs, open_probe / push / off_topic over lines.
+"""
+
+import argparse
+import json
+import os
+import time
+
+import config
+import lm
+import personas as P
+import simulator as S
+from scripted_agents import NATURAL_AGENTS, SCRIPTED_AGENTS, load_natural_lines, play_scripted
+
+LABELS_PATH = os.path.join(P.DOMAIN_DIR, "..", "appraisal_labels.jsonl")
+
+
+# --------------------------------------------------------------------------- the validity matrix
+
+def validity_matrix(sim_cfg, n_per_domain=90, seed=0, domains=None, natural_lines=None):
+    """{agent: {domain: success rate, ..., "all": success rate}} over n_per_domain stratified personas
+    per domain (seed `seed`). `natural_lines`: the natural-speech agents' lines (default the held-out
+    data/natural_agents.yaml)."""
+    domains = domains or P.list_domains()
+    people = {d: P.sample(d, n_per_domain, seed) for d in domains}
+    natural = load_natural_lines(natural_lines)
+    table = {}
+    for name, (agent, _, _) in SCRIPTED_AGENTS.items():
+        if name in NATURAL_AGENTS and not all(d in natural for d in domains):
+            continue     # a domain without natural lines (a new bank): the bank-worded agents only
+        row, wins = {}, 0
+        for d in domains:
+            states = play_scripted(agent, people[d], sim_cfg, seed, natural_lines)
+            row[d] = round(sum(s.decision == "accept" for s in states) / len(states), 3)
+            wins += sum(s.decision == "accept" for s in states)
+        row["all"] = round(wins / (n_per_domain * len(domains)), 3)
+        table[name] = row
+    return table
+
+
+def print_validity(table):
+    domains = [d for d in next(iter(table.values())) if d != "all"]
+    print("| scripted agent | knows concerns | asks | " + " | ".join(domains) + " | all |")
+    print("|---|---|---|" + "---|" * (len(domains) + 1))
+    for name, row in table.items():
+        _, knows, asks = SCRIPTED_AGENTS[name]
+        print(f"| {name} | {'yes' if knows else 'no'} | {'yes' if asks else 'no'} | "
+              + " | ".join(f"{row[d]:.2f}" for d in domains) + f" | **{row['all']:.2f}** |")
+
+
+# --------------------------------------------------------------------------- the appraisers on labelled lines
+
+def read_labels(path):
+    rows = []
+    for lineno, line in enumerate(open(path), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg}).") from None
+    return rows
+
+
+LABELS = ("probe", "addresses", "false_claim", "open_probe", "push", "off_topic")
+
+
+def scores(items, predictions):
+    """Precision, recall, F1 per label. probe / addresses / false_claim are counted over (utterance, concern)
+    pairs, open_probe / push / off_topic over utterances. predictions[i]: an appraisal of items[i]."""
+    out = {}
+    for label, key in (("probe", "probed"), ("addresses", "addressed"), ("false_claim", "false_claims")):
+        gold = {(i, c) for i, it in enumerate(items) for c in it.get(label, [])}
+        pred = {(i, c) for i, p in enumerate(predictions) for c in getattr(p, key)}
+        out[label] = _prf(len(gold & pred), len(pred), len(gold))
+    for label in ("open_probe", "push", "off_topic"):
+        tp = sum(it[label] and getattr(p, label) for it, p in zip(items, predictions))
+        out[label] = _prf(tp, sum(getattr(p, label) for p in predictions), sum(it[label] for it in items))
+    return out
+
+
+def _prf(tp, n_pred, n_gold):
+    p = tp / n_pred if n_pred else 1.0
+    r = tp / n_gold if n_gold else 1.0
+    return {"precision": round(p, 3), "recall": round(r, 3), "f1": round(2 * p * r / (p + r), 3) if p + r else 0.0,
+            "n_gold": n_gold}
+
+
+def appraise_items(kind, items, rules, model=None, tokenizer=None):
+    """Every item appraised as if the callee held every concern of its domain and had voiced the item's
+    `voiced` concerns (none unless the label says so)."""
+    if kind not in ("lexical", "semantic", "llm"):
+        raise ValueError(f"appraiser {kind!r} cannot be measured here; use lexical, semantic or llm.")
+    appraiser = S.make_appraiser({"appraiser": kind, "rules": rules}, model, tokenizer)
+    return appraiser([it["text"] for it in items], [it["domain"] for it in items],
+                     [tuple(it.get("voiced", ())) for it in items])
+
+
+# --------------------------------------------------------------------------- command line
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Is the simulator's reading right? The scripted-agent validity "
+                                                 "matrix, or the appraisers' P / R / F1 on labelled lines.")
+    sub = parser.add_subparsers(dest="what", required=True)
+    m = sub.add_parser("matrix", help="scripted agents vs the simulator's rules")
+    m.add_argument("--personas", type=config.positive_int, default=90, help="personas per domain")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--natural-lines", default=None, help="the natural-speech agents' lines (default "
+                   "data/natural_agents.yaml, held out; data/natural_agents_dev.yaml is what the rules were tuned on)")
+    a = sub.add_parser("appraisers", help="precision / recall / F1 of the appraisers on labelled lines")
+    a.add_argument("--labels", default=LABELS_PATH)
+    a.add_argument("--appraisers", default="lexical,semantic,llm")
+    a.add_argument("--json", action="store_true", help="also print the results as one JSON line")
+    for p in (m, a):
+        p.add_argument("overrides", nargs="*", help="config overrides, e.g. simulator.appraiser=lexical")
+    args = parser.parse_args(argv)
+    try:
+        cfg = config.load(None, args.overrides)
+    except config.ConfigError as e:
+        raise SystemExit(f"config error: {e}")
+    if args.what == "matrix":
+        print(f"success rate of scripted agents, {args.personas} personas per domain (seed {args.seed}), "
+              f"appraiser {cfg['simulator']['appraiser']}, max_turns {cfg['simulator']['max_turns']}")
+        print_validity(validity_matrix(cfg["simulator"], args.personas, args.seed, natural_lines=args.natural_lines))
+        return
+    items = read_labels(args.labels)
+    model = tokenizer = None
+    results = {}
+    for kind in args.appraisers.split(","):
+        if kind == "llm" and model is None:
+            tokenizer, model = lm.load_model(cfg["model"])
+        t0 = time.perf_counter()
+        preds = appraise_items(kind, items, cfg["simulator"]["rules"], model, tokenizer)
+        results[kind] = {"ms_per_turn": round(1000 * (time.perf_counter() - t0) / len(items), 1), **scores(items, preds)}
+    print(f"{len(items)} labelled agent turns ({os.path.relpath(args.labels)}); P / R / F1 per label")
+    print("| appraiser | ms/turn | " + " | ".join(LABELS) + " |")
+    print("|---|---|" + "---|" * len(LABELS))
+    for kind, r in results.items():
+        cells = [f"{r[x]['precision']:.2f} / {r[x]['recall']:.2f} / **{r[x]['f1']:.2f}**" for x in LABELS]
+        print(f"| {kind} | {r['ms_per_turn']} | " + " | ".join(cells) + " |")
+    if args.json:
+        print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
