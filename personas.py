@@ -32,6 +32,8 @@ import re
 
 import yaml
 
+import facts
+
 DOMAIN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "domains")
 DISCLOSURE_RULES = ("probe", "push", "guarded")
 STYLES = ("terse", "chatty", "skeptical")
@@ -126,6 +128,10 @@ def validate_bank(bank, path):
         ids.add(c["id"])
     _need(max(strata["n_concerns"]) <= len(bank["concerns"]), path, "strata.n_concerns",
           "asks for more concerns than the library holds")
+    # answering a worry means stating its fact (facts.py), so every fact needs something to check
+    for cid in facts.uncheckable(bank):
+        _need(False, path, f"concerns.{cid}", "has nothing checkable: give its resolution a figure or list what it "
+                                              "rules out / says exists under `truth` (denies, asserts)")
     # one fact, one concern: the simulator counts the concerns a turn answers (a recital of facts
     # resolves nothing), so a concern's resolution must not hold another concern's resolve cue
     for i, c in enumerate(bank["concerns"]):

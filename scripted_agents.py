@@ -15,23 +15,30 @@ ones must not.
 import os
 import random
 import re
+import typing
 
 import yaml
 
 import personas as P
+import facts
 from simulator import CognitiveUserSimulator
+
 
 def _expert_questions():
     path = os.path.join(P.DOMAIN_DIR, "..", "logs", "expert_questions.yaml")
     return yaml.safe_load(open(path))
 
 
-NATURAL_LINES = os.path.join(P.DOMAIN_DIR, "..", "natural_agents.yaml")     # held out: the table in docs/simulator.md
-NATURAL_LINES_DEV = os.path.join(P.DOMAIN_DIR, "..", "natural_agents_dev.yaml")  # what the rules were tuned on
+DATA = os.path.join(P.DOMAIN_DIR, "..")
+NATURAL_LINES = os.path.join(DATA, "natural_agents.yaml")     # held out: the table in docs/simulator.md
+NATURAL_LINES_DEV = os.path.join(DATA, "natural_agents_dev.yaml")  # what the rules were tuned on
+# written by someone who saw only the banks' concern descriptions and facts (data/INDEPENDENT.md)
+INDEPENDENT_LINES = os.path.join(DATA, "natural_agents_independent.yaml")          # held out
+INDEPENDENT_LINES_DEV = os.path.join(DATA, "natural_agents_independent_dev.yaml")  # the rules may be tuned on it
 
 
 def load_natural_lines(path=None):
-    return yaml.safe_load(open(path or (NATURAL_LINES if os.path.exists(NATURAL_LINES) else NATURAL_LINES_DEV)))
+    return yaml.safe_load(open(path or NATURAL_LINES))
 
 
 def _answers(bank, ids):
@@ -145,11 +152,12 @@ def figure_echoer(obs):
 
 # -- natural-speech agents: lines from data/natural_agents.yaml, written apart from the banks -----------
 
-def _natural_turn(obs, answers, probes, push):
+def _natural_turn(obs, answers, probes, push, close="pushes"):
     """A natural salesperson's turn: answer what the callee voiced, then ask, then (nothing left) push,
-    in at most `max_agent_words` words (what does not fit waits for the next turn)."""
+    in at most `max_agent_words` words (what does not fit waits for the next turn). `close`: the lines
+    it closes with (`pushes`: an ask to decide now; `soft_closes`: an offer of time or information)."""
     rng, budget = obs["rng"], obs["max_words"]
-    pushes = obs["natural"]["pushes"]
+    pushes = obs["natural"][close]
     parts = []
     ask = [pushes[obs["turn"] % len(pushes)]] if push else []      # a different closing question each turn
     for line in [rng.choice(a) for a in answers] + probes + ask:
@@ -158,26 +166,33 @@ def _natural_turn(obs, answers, probes, push):
     return " ".join(parts)
 
 
-def _natural_privileged(obs, kind):
+def _answer_lines(obs, kind, cid):
+    """What an agent says to the voiced worry `cid`: natural lines of `kind` (answers, false_answers,
+    qualitative_lies, ...), or a line a cheating agent builds from the bank (a callable of obs and cid)."""
+    return kind(obs, cid) if callable(kind) else obs["natural"]["concerns"][cid][kind]
+
+
+def _natural_privileged(obs, kind, close="pushes"):
     """Knows the hidden concerns: asks about each in its own words (a guarded one twice, with another
-    question), answers each once voiced with a natural line of `kind` (answers | false_answers), then asks."""
+    question), answers each once voiced with a line of `kind` (`_answer_lines`), then closes."""
     lines = obs["natural"]["concerns"]
     voiced = sorted(obs["voiced"])[:2]
     hidden = [c.id for c in obs["persona"].concerns if obs["status"][c.id] == "hidden"][:2]
     probes = [lines[cid]["probes"][obs["asked"].get(cid, 0) % len(lines[cid]["probes"])] for cid in hidden]
     for cid in hidden:
         obs["asked"][cid] = obs["asked"].get(cid, 0) + 1
-    return _natural_turn(obs, [lines[cid][kind] for cid in voiced], probes, push=not hidden and len(obs["voiced"]) <= 2)
+    return _natural_turn(obs, [_answer_lines(obs, kind, cid) for cid in voiced], probes,
+                         push=not hidden and len(obs["voiced"]) <= 2, close=close)
 
 
-def _natural_listener(obs, kind):
-    """Knows nothing: asks an open question in its own words, answers whatever is voiced with a natural line
-    of `kind`, asks for the decision once an open question draws nothing more."""
-    lines = obs["natural"]["concerns"]
-    answers = [lines[cid][kind] for cid in sorted(obs["voiced"])[:2]]
+def _natural_listener(obs, kind, eager=False):
+    """Knows nothing: asks an open question in its own words, answers whatever is voiced with a line of
+    `kind`, asks for the decision once an open question draws nothing more -- or, `eager`, from its second
+    turn on, beside the open question (a trial close: the callee's objections surface as they are pushed)."""
+    answers = [_answer_lines(obs, kind, cid) for cid in sorted(obs["voiced"])[:2]]
     if obs["heard_nothing"]:
         return _natural_turn(obs, answers, [], push=True)
-    return _natural_turn(obs, answers, [_next_open_probe(obs)], push=False)
+    return _natural_turn(obs, answers, [_next_open_probe(obs)], push=eager and obs["turn"] >= 2)
 
 
 def _next_open_probe(obs):
@@ -202,6 +217,102 @@ def natural_hallucinating_listener(obs):
     return _natural_listener(obs, "false_answers")
 
 
+def eager_listener(obs):
+    return _natural_listener(obs, "answers", eager=True)
+
+
+# -- liars and cheats that speak naturally: each kind of lie the simulator must not pay for (issue 29) -------
+
+def qualitative_liar_privileged(obs):
+    """Knows the concerns, asks naturally, and answers each worry with a falsehood that holds no number
+    ("The guarantee's only for riders who do full-time hours.": the wrong people, time or condition)."""
+    return _natural_privileged(obs, "qualitative_lies")
+
+
+def qualitative_liar_listener(obs):
+    return _natural_listener(obs, "qualitative_lies")
+
+
+def invented_figure_liar_privileged(obs):
+    """Answers each worry with the fact twisted by a figure the fact never states ("No lock-in, just a $99
+    admin charge when you leave.")."""
+    return _natural_privileged(obs, "invented_figure_lies")
+
+
+def invented_figure_liar_listener(obs):
+    return _natural_listener(obs, "invented_figure_lies")
+
+
+def vague_reassurer(obs):
+    """Knows the concerns, asks naturally, and meets each worry with warm words and no fact."""
+    return _natural_privileged(obs, "vague_answers")
+
+
+def _cue_reassurance(obs, cid):
+    """An empty reassurance around one of the concern's resolve cues that is no claim by itself: no figure,
+    and not a condition of the fact ("Don't worry about that: guaranteed minimum, so you're covered.";
+    not "... no deposit ...", which states the fact)."""
+    concern = next(c for c in obs["bank"]["concerns"] if c["id"] == cid)
+    book = facts.truth_book(obs["bank"])
+    empty = [c for c in concern["resolve_cues"] if not facts.figures(c) and not facts.check_claims(c, {cid}, book)[1]]
+    return [f"Don't worry about that: {cue}, so you're covered." for cue in (empty or concern["resolve_cues"])[:2]]
+
+
+def cue_word_reassurer(obs):
+    """Knows the concerns, asks naturally, and answers each worry with a resolve cue of that concern in an
+    empty reassurance: a cue word passed off as the fact."""
+    return _natural_privileged(obs, _cue_reassurance)
+
+
+def _near_miss(obs, cid):
+    """A true fact of *another* concern said under the voiced worry's topic word ("About getting paid:
+    every rider has free accident insurance."): the other concern whose fact shares the most figure kinds
+    with the voiced one's, so a figure check that looked at the sentence alone could mistake it."""
+    concerns = obs["bank"]["concerns"]
+    mine = next(c for c in concerns if c["id"] == cid)
+    kinds = {f[0] for f in facts.figures(mine["resolution"])}
+    others = sorted((c for c in concerns if c["id"] != cid),
+                    key=lambda c: -len(kinds & {f[0] for f in facts.figures(c["resolution"])}))
+    topic = mine["probe_cues"][0]
+    return [f"About the {topic}: {other['resolution']}" for other in others[:2]]
+
+
+def near_misser(obs):
+    """Knows the concerns, asks naturally, and answers each worry with a true fact of another concern
+    under that worry's topic word."""
+    return _natural_privileged(obs, _near_miss)
+
+
+def _shared_facts(obs, cid):
+    """The product-fact lines of the bank that hold resolve cues of several concerns (a line about
+    everything, e.g. 'Thermal bag, rain jacket and phone mount provided free, no deposit.'), those linked
+    to the voiced worry first."""
+    bank = obs["bank"]
+    linked = lambda line: [c["id"] for c in bank["concerns"] if facts.has_cue(line.lower(), c["resolve_cues"])]
+    shared = sorted(bank["agent"]["facts"], key=lambda line: (cid not in linked(line), -len(linked(line))))
+    return [line for line in shared if len(linked(line)) >= 2][:2] or shared[:1]
+
+
+def shared_fact_sprayer(obs):
+    """Knows the concerns, asks naturally, and answers each worry by reciting the product facts that are
+    linked to the most concerns: a line about many things, hoping one of them counts."""
+    return _natural_privileged(obs, _shared_facts)
+
+
+def soft_closer(obs):
+    """The honest natural privileged agent (independent lines) that never asks for the decision: it offers
+    a call back, time to think or a link with more information instead."""
+    return _natural_privileged(obs, "answers", close="soft_closes")
+
+
+def independent_privileged(obs):
+    return _natural_privileged(obs, "answers")
+
+
+def independent_listener(obs):
+    return _natural_listener(obs, "answers")
+
+
 BLUFFS = ["Honestly, it's only 5 percent, nothing to worry about.", "It's just ten dollars, hardly anything.",
           "That takes a day at most, so no stress.", "You'd get paid every single day, so that's fine."]
 
@@ -223,27 +334,45 @@ def passive(obs):
     return "Lovely weather today, isn't it? How has your week been?"
 
 
-NATURAL_AGENTS = ("natural privileged", "natural listener", "natural hallucinating privileged",
-                  "natural hallucinating listener", "number bluffer")
-SCRIPTED_AGENTS = {   # name -> (policy, knows the hidden concerns, asks questions)
-    "privileged prober": (privileged_prober, True, True),
-    "generic prober": (generic_prober, False, True),
-    "open listener": (open_listener, False, True),
-    "trial closer": (trial_closer, False, False),
-    "blind asker": (blind_asker, False, True),
-    "keyword stuffer": (keyword_stuffer, False, False),
-    "topic lister": (topic_lister, False, True),
-    "fact dumper": (fact_dumper, False, False),
-    "listener + fact dump": (listener_dumper, False, True),
-    "echo": (echo, False, False),
-    "figure echoer": (figure_echoer, False, True),
-    "pusher": (pusher, False, False),
-    "passive": (passive, False, False),
-    "natural privileged": (natural_privileged, True, True),
-    "natural listener": (natural_listener, False, True),
-    "natural hallucinating privileged": (natural_hallucinating_privileged, True, True),
-    "natural hallucinating listener": (natural_hallucinating_listener, False, True),
-    "number bluffer": (number_bluffer, False, True),
+class Agent(typing.NamedTuple):
+    policy: typing.Callable     # obs -> the agent's turn
+    knows: bool                 # knows the hidden concerns (reads obs["persona"])
+    asks: bool                  # asks questions
+    lines: str = "bank"         # whose words it speaks: bank (the banks' own), natural (data/natural_agents*.yaml)
+                                # or independent (data/natural_agents_independent*.yaml)
+
+
+SCRIPTED_AGENTS = {
+    "privileged prober": Agent(privileged_prober, True, True),
+    "generic prober": Agent(generic_prober, False, True),
+    "open listener": Agent(open_listener, False, True),
+    "trial closer": Agent(trial_closer, False, False),
+    "blind asker": Agent(blind_asker, False, True),
+    "keyword stuffer": Agent(keyword_stuffer, False, False),
+    "topic lister": Agent(topic_lister, False, True),
+    "fact dumper": Agent(fact_dumper, False, False),
+    "listener + fact dump": Agent(listener_dumper, False, True),
+    "echo": Agent(echo, False, False),
+    "figure echoer": Agent(figure_echoer, False, True, "natural"),
+    "pusher": Agent(pusher, False, False),
+    "passive": Agent(passive, False, False),
+    "natural privileged": Agent(natural_privileged, True, True, "natural"),
+    "natural listener": Agent(natural_listener, False, True, "natural"),
+    "eager listener": Agent(eager_listener, False, True, "natural"),
+    "natural hallucinating privileged": Agent(natural_hallucinating_privileged, True, True, "natural"),
+    "natural hallucinating listener": Agent(natural_hallucinating_listener, False, True, "natural"),
+    "number bluffer": Agent(number_bluffer, False, True, "natural"),
+    "independent privileged": Agent(independent_privileged, True, True, "independent"),
+    "independent listener": Agent(independent_listener, False, True, "independent"),
+    "qualitative liar (privileged)": Agent(qualitative_liar_privileged, True, True, "independent"),
+    "qualitative liar (listener)": Agent(qualitative_liar_listener, False, True, "independent"),
+    "invented-figure liar (privileged)": Agent(invented_figure_liar_privileged, True, True, "independent"),
+    "invented-figure liar (listener)": Agent(invented_figure_liar_listener, False, True, "independent"),
+    "vague reassurer": Agent(vague_reassurer, True, True, "independent"),
+    "cue-word reassurer": Agent(cue_word_reassurer, True, True, "independent"),
+    "near-misser": Agent(near_misser, True, True, "independent"),
+    "shared-fact sprayer": Agent(shared_fact_sprayer, True, True, "independent"),
+    "soft closer": Agent(soft_closer, True, True, "independent"),
 }
 
 

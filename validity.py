@@ -22,27 +22,32 @@ import config
 import lm
 import personas as P
 import simulator as S
-from scripted_agents import NATURAL_AGENTS, SCRIPTED_AGENTS, load_natural_lines, play_scripted
+from scripted_agents import (INDEPENDENT_LINES, NATURAL_LINES, SCRIPTED_AGENTS, load_natural_lines,
+                             play_scripted)
 
 LABELS_PATH = os.path.join(P.DOMAIN_DIR, "..", "appraisal_labels.jsonl")
 
 
 # --------------------------------------------------------------------------- the validity matrix
 
-def validity_matrix(sim_cfg, n_per_domain=90, seed=0, domains=None, natural_lines=None):
+def validity_matrix(sim_cfg, n_per_domain=90, seed=0, domains=None, natural_lines=None, independent_lines=None,
+                    agents=None):
     """{agent: {domain: success rate, ..., "all": success rate}} over n_per_domain stratified personas
-    per domain (seed `seed`). `natural_lines`: the natural-speech agents' lines (default the held-out
-    data/natural_agents.yaml)."""
+    per domain (seed `seed`). Each agent speaks its own lines (`Agent.lines`): `natural_lines` (default
+    the held-out data/natural_agents.yaml) or `independent_lines` (default the held-out
+    data/natural_agents_independent.yaml). `agents`: names to play (default every one)."""
     domains = domains or P.list_domains()
     people = {d: P.sample(d, n_per_domain, seed) for d in domains}
-    natural = load_natural_lines(natural_lines)
+    paths = {"bank": None, "natural": natural_lines or NATURAL_LINES, "independent": independent_lines or INDEPENDENT_LINES}
     table = {}
-    for name, (agent, _, _) in SCRIPTED_AGENTS.items():
-        if name in NATURAL_AGENTS and not all(d in natural for d in domains):
+    for name, agent in SCRIPTED_AGENTS.items():
+        if agents is not None and name not in agents:
+            continue
+        if agent.lines != "bank" and not all(d in load_natural_lines(paths[agent.lines]) for d in domains):
             continue     # a domain without natural lines (a new bank): the bank-worded agents only
         row, wins = {}, 0
         for d in domains:
-            states = play_scripted(agent, people[d], sim_cfg, seed, natural_lines)
+            states = play_scripted(agent.policy, people[d], sim_cfg, seed, paths[agent.lines])
             row[d] = round(sum(s.decision == "accept" for s in states) / len(states), 3)
             wins += sum(s.decision == "accept" for s in states)
         row["all"] = round(wins / (n_per_domain * len(domains)), 3)
@@ -52,11 +57,11 @@ def validity_matrix(sim_cfg, n_per_domain=90, seed=0, domains=None, natural_line
 
 def print_validity(table):
     domains = [d for d in next(iter(table.values())) if d != "all"]
-    print("| scripted agent | knows concerns | asks | " + " | ".join(domains) + " | all |")
-    print("|---|---|---|" + "---|" * (len(domains) + 1))
+    print("| scripted agent | knows concerns | asks | words | " + " | ".join(domains) + " | all |")
+    print("|---|---|---|---|" + "---|" * (len(domains) + 1))
     for name, row in table.items():
-        _, knows, asks = SCRIPTED_AGENTS[name]
-        print(f"| {name} | {'yes' if knows else 'no'} | {'yes' if asks else 'no'} | "
+        a = SCRIPTED_AGENTS[name]
+        print(f"| {name} | {'yes' if a.knows else 'no'} | {'yes' if a.asks else 'no'} | {a.lines} | "
               + " | ".join(f"{row[d]:.2f}" for d in domains) + f" | **{row['all']:.2f}** |")
 
 
@@ -90,6 +95,21 @@ def scores(items, predictions):
     return out
 
 
+def by_kind(items, predictions):
+    """For labelled lines that carry a `kind` (the independent sets): per kind, the share of its false-claim
+    pairs caught (recall) and, for soft closes, the share read as a push. {kind: (rate, n)}."""
+    out = {}
+    for kind in sorted({it["kind"] for it in items if "kind" in it}):
+        idx = [i for i, it in enumerate(items) if it.get("kind") == kind]
+        gold = [(i, c) for i in idx for c in items[i].get("false_claim", [])]
+        if gold:
+            out[f"{kind}: false claims caught"] = (sum(c in predictions[i].false_claims for i, c in gold) / len(gold),
+                                                   len(gold))
+        if kind == "soft_close":
+            out[f"{kind}: read as a push"] = (sum(predictions[i].push for i in idx) / len(idx), len(idx))
+    return out
+
+
 def _prf(tp, n_pred, n_gold):
     p = tp / n_pred if n_pred else 1.0
     r = tp / n_gold if n_gold else 1.0
@@ -116,8 +136,11 @@ def main(argv=None):
     m = sub.add_parser("matrix", help="scripted agents vs the simulator's rules")
     m.add_argument("--personas", type=config.positive_int, default=90, help="personas per domain")
     m.add_argument("--seed", type=int, default=0)
-    m.add_argument("--natural-lines", default=None, help="the natural-speech agents' lines (default "
+    m.add_argument("--natural-lines", default=None, help="the natural agents' lines (default "
                    "data/natural_agents.yaml, held out; data/natural_agents_dev.yaml is what the rules were tuned on)")
+    m.add_argument("--independent-lines", default=None, help="the independent agents' lines (default "
+                   "data/natural_agents_independent.yaml, held out; data/natural_agents_independent_dev.yaml: tuning)")
+    m.add_argument("--agents", default=None, help="only these agents, comma-separated names")
     a = sub.add_parser("appraisers", help="precision / recall / F1 of the appraisers on labelled lines")
     a.add_argument("--labels", default=LABELS_PATH)
     a.add_argument("--appraisers", default="lexical,semantic,llm")
@@ -132,7 +155,9 @@ def main(argv=None):
     if args.what == "matrix":
         print(f"success rate of scripted agents, {args.personas} personas per domain (seed {args.seed}), "
               f"appraiser {cfg['simulator']['appraiser']}, max_turns {cfg['simulator']['max_turns']}")
-        print_validity(validity_matrix(cfg["simulator"], args.personas, args.seed, natural_lines=args.natural_lines))
+        print_validity(validity_matrix(cfg["simulator"], args.personas, args.seed, natural_lines=args.natural_lines,
+                                       independent_lines=args.independent_lines,
+                                       agents=args.agents.split(",") if args.agents else None))
         return
     items = read_labels(args.labels)
     model = tokenizer = None
@@ -142,13 +167,17 @@ def main(argv=None):
             tokenizer, model = lm.load_model(cfg["model"])
         t0 = time.perf_counter()
         preds = appraise_items(kind, items, cfg["simulator"]["rules"], model, tokenizer)
-        results[kind] = {"ms_per_turn": round(1000 * (time.perf_counter() - t0) / len(items), 1), **scores(items, preds)}
+        results[kind] = {"ms_per_turn": round(1000 * (time.perf_counter() - t0) / len(items), 1), **scores(items, preds),
+                         "by_kind": by_kind(items, preds)}
     print(f"{len(items)} labelled agent turns ({os.path.relpath(args.labels)}); P / R / F1 per label")
     print("| appraiser | ms/turn | " + " | ".join(LABELS) + " |")
     print("|---|---|" + "---|" * len(LABELS))
     for kind, r in results.items():
         cells = [f"{r[x]['precision']:.2f} / {r[x]['recall']:.2f} / **{r[x]['f1']:.2f}**" for x in LABELS]
         print(f"| {kind} | {r['ms_per_turn']} | " + " | ".join(cells) + " |")
+    for kind, r in results.items():
+        if r["by_kind"]:
+            print(f"{kind}: " + "; ".join(f"{k} {v:.2f} (n {n})" for k, (v, n) in r["by_kind"].items()))
     if args.json:
         print(json.dumps(results))
 

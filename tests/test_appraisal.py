@@ -28,7 +28,7 @@ def test_every_concern_has_something_checkable_and_the_banks_own_answers_are_nev
     for domain in P.list_domains():
         bank = P.load_bank(domain)
         for c in bank["concerns"]:
-            sheet = F.truth_book(domain)[c["id"]]
+            sheet = F.truth_book(bank)[c["id"]]
             assert sheet["figures"] or sheet["denies"] or sheet["asserts"], (domain, c["id"])
         items = [(c["id"], t) for c in bank["concerns"] for t in [c["resolution"], *c["answer_examples"]]]
         out = app([t for _, t in items], [domain] * len(items), [(cid,) for cid, _ in items])
@@ -79,3 +79,30 @@ def test_a_fact_answers_a_worry_only_in_a_sentence_about_it(cfg, sentence, answe
 def test_bare_reply():
     assert A.bare_reply("It's fifteen per cent.") and A.bare_reply("Every week.")
     assert not A.bare_reply("Every week brings you to another app.")
+
+
+@pytest.mark.parametrize("kind", ["lexical", "semantic"])
+@pytest.mark.parametrize("domain, text, voiced", [
+    # a cue word is not the fact (issue 29): each of these answered the worry before
+    ("courier_recruitment", "Don't worry about that: guaranteed minimum, so you're covered.", "income_stability"),
+    ("courier_recruitment", "Don't worry, you're covered.", "safety_insurance"),
+    ("courier_recruitment", "Instant cash-out to your card is for top-rated riders only, everyone else waits.", "payment_delay"),
+    # the voiced worry's topic word beside a true fact of another concern
+    ("courier_recruitment", "About getting paid: every rider has free accident insurance.", "payment_delay"),
+])
+def test_a_cue_word_or_another_facts_truth_answers_nothing(rules, kind, domain, text, voiced):
+    (got,) = V.appraise_items(kind, [{"text": text, "domain": domain, "voiced": [voiced]}], rules)
+    assert voiced not in got.addressed
+
+
+@pytest.mark.parametrize("kind", ["lexical", "semantic"])
+def test_only_an_ask_to_decide_now_is_a_push(rules, kind):
+    """A soft close -- time to think, a call back, a link 'with more information' -- does not ask for the
+    decision, so a callee never accepts on it (issue 29)."""
+    soft = ["Would you like to sleep on it and I'll ring you next week?", "Can I send you the link with more information?",
+            "No pressure. Have a think and I'll give you a ring next week.", "Shall I email you the price breakdown?"]
+    pushes = ["Can I put you down as a new rider while we're chatting?", "Shall I get you started today?",
+              "Are you in? Say the word and I'll register you straight away.", "Would you like to switch today?"]
+    items = [{"text": t, "domain": "courier_recruitment"} for t in soft + pushes]
+    got = V.appraise_items(kind, items, rules)
+    assert [g.push for g in got] == [False] * len(soft) + [True] * len(pushes)

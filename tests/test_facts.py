@@ -5,6 +5,7 @@ number, a wrong frequency, a fee that does not exist, a bluff with no topic word
 import pytest
 
 import facts as F
+import personas as P
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -32,7 +33,7 @@ def test_figures_read_numbers_however_they_are_written(text, expected):
 
 
 def claims(domain, sentence, about):
-    return F.check_claims(sentence, set(about), F.truth_book(domain))
+    return F.check_claims(sentence, set(about), F.truth_book(P.load_bank(domain)))
 
 
 @pytest.mark.parametrize("domain, sentence, concern, verdict", [
@@ -61,3 +62,42 @@ def test_a_claim_is_checked_against_the_concerns_fact(domain, sentence, concern,
     false, verified = claims(domain, sentence, [concern])
     assert (concern in false, concern in verified) == {"false": (True, False), "true": (False, True),
                                                         "neither": (False, False)}[verdict]
+
+
+def verdict(domain, sentence, concern):
+    false, verified = claims(domain, sentence, [concern])
+    return "false" if concern in false else "true" if concern in verified else "neither"
+
+
+@pytest.mark.parametrize("domain, sentence, concern, expected", [
+    # a lie beside a true fact is still a lie: each claim of a sentence is checked (issue 29)
+    ("broadband_switch", "Installation is free, but someone has to be home for a full day.", "installation_hassle", "false"),
+    # a true item shared by two facts answers neither when the claim names both: 'free' fits the kit and the jacket
+    ("courier_recruitment", "Thermal bag, rain jacket and phone mount provided free.", "bad_weather", "neither"),
+    ("courier_recruitment", "The thermal bag comes free to keep you cool in the winter.", "bad_weather", "neither"),
+    ("courier_recruitment", "The rain jacket is free and every order in the rain pays $2 more.", "bad_weather", "true"),
+    # a figure no fact checks makes the claim state nothing
+    ("merchant_recruitment", "There's no lock-in, just a $99 admin charge when you leave.", "contract_lockin", "neither"),
+    ("broadband_switch", "The speed guarantee costs $4 a month extra.", "speed_claims_distrust", "neither"),
+    ("merchant_recruitment", "There's no lock-in: you can leave any time with seven days' notice.", "contract_lockin", "true"),
+    ("courier_recruitment", "A five kilometre job pays $8.50 before tips.", "pay_transparency", "true"),    # a worked sum's n
+    # a condition the fact does not have, added to it
+    ("courier_recruitment", "The guarantee's only for riders who do full-time hours.", "income_stability", "false"),
+    ("merchant_recruitment", "Busy mode can only be used for 15 minutes at a time.", "rush_hour_overload", "false"),
+    ("courier_recruitment", "The $18 guarantee is only for your first four weeks.", "income_stability", "true"),
+    ("courier_recruitment", "You don't have to claim the weather bonus, it's automatic.", "bad_weather", "true"),
+    # the price does rise after the promotion (the bank once listed 'go up' as ruled out)
+    ("broadband_switch", "Your bill won't go up at all, not even after the first year.", "price_after_promo", "false"),
+    ("broadband_switch", "The price is fixed, with no rises during the term.", "price_after_promo", "neither"),
+    ("broadband_switch", "It's $30 for the first year, then it goes up to $42.", "price_after_promo", "true"),
+])
+def test_a_claim_states_the_fact_only_if_every_part_of_it_is_true_of_that_concern(domain, sentence, concern, expected):
+    assert verdict(domain, sentence, concern) == expected
+
+
+def test_claims_split_at_clause_joints_not_inside_lists():
+    assert F.claims("The bags are free, but there's a $20 deposit.") == ["The bags are free", "there's a $20 deposit."]
+    assert F.claims("Commission is 15% for six months and there's no setup fee.") == [
+        "Commission is 15% for six months", "there's no setup fee."]
+    assert F.claims("Every rider has free accident and third-party insurance.") == [
+        "Every rider has free accident and third-party insurance."]

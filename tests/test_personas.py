@@ -104,3 +104,16 @@ def test_a_curriculum_starts_with_one_concern_personas_then_runs_the_usual_sched
     for k in range(3):      # after the curriculum, step 3 + k is the plain schedule's step k
         assert P.schedule(domains, 3, 0, 3 + k, curriculum_steps=3) == P.schedule(domains, 3, 0, k)
     assert any(len(p.concerns) > 1 for k in range(3) for p in P.schedule(domains, 3, 0, k))
+
+
+def test_a_concern_with_nothing_to_check_is_refused_when_the_bank_loads(tmp_path):
+    """Answering a worry means stating its fact (issue 29), so a fact with no figure and no `truth` list could
+    never be answered: the bank is refused as it loads, naming the concern, not at the first appraisal."""
+    bank = yaml.safe_load(open(P.os.path.join(P.DOMAIN_DIR, "merchant_recruitment.yaml")))
+    lock = next(c for c in bank["concerns"] if c["id"] == "contract_lockin")
+    lock.update(resolution="You can leave whenever you like.", truth={})
+    bank["agent"]["facts"] = [f for f in bank["agent"]["facts"] if "notice" not in f.lower()]
+    path = tmp_path / "nothing_checkable.yaml"
+    path.write_text(yaml.safe_dump(bank))
+    with pytest.raises(P.DomainError, match="concerns.contract_lockin.*nothing checkable"):
+        P.load_bank(str(path))

@@ -31,8 +31,8 @@ def test_validity_matrix_knowing_the_concerns_wins_and_no_cheap_policy_does(vali
         assert rate[name] <= 0.05 and rate[name] < rate["natural listener"], name
     assert rate["privileged prober"] >= 0.8
     assert 0.1 <= rate["generic prober"] <= rate["privileged prober"] - 0.3   # knowing the concerns matters
-    for name, (_, knows, asks) in SA.SCRIPTED_AGENTS.items():
-        if not knows and not asks:                 # stuffers, dumpers, echo, pushers, passive
+    for name, agent in SA.SCRIPTED_AGENTS.items():
+        if not agent.knows and not agent.asks:                 # stuffers, dumpers, echo, pushers, passive
             assert rate[name] <= 0.15, name
     for name in ("pusher", "passive", "keyword stuffer", "fact dumper", "topic lister", "listener + fact dump", "echo",
                  "figure echoer"):
@@ -40,6 +40,27 @@ def test_validity_matrix_knowing_the_concerns_wins_and_no_cheap_policy_does(vali
     for row in validity.values():                  # and in every domain, not only on average
         assert all(0 <= v <= 1 for v in row.values())
     assert min(validity["privileged prober"][d] for d in validity["privileged prober"]) >= 0.75
+
+
+LIARS_AND_CHEATS = ("qualitative liar (privileged)", "qualitative liar (listener)", "invented-figure liar (privileged)",
+                    "invented-figure liar (listener)", "vague reassurer", "cue-word reassurer", "near-misser",
+                    "shared-fact sprayer")
+
+
+def test_a_lie_without_a_number_does_not_pay_and_only_asking_to_sign_closes(validity):
+    """Issue 29: the liars and cheats speak held-out lines of an independent writer
+    (data/natural_agents_independent.yaml) or build theirs from the bank; each knows the concerns or listens.
+    None may win more than 0.05 or more than the honest listener; the honest agent that only offers time or
+    a link never closes; the honest natural speaker still wins."""
+    rate = {name: row["all"] for name, row in validity.items()}
+    for name in LIARS_AND_CHEATS:
+        assert rate[name] <= 0.05 and rate[name] < rate["natural listener"], name
+    assert rate["soft closer"] <= 0.05
+    assert rate["natural privileged"] >= 0.8
+    assert rate["independent privileged"] >= 0.7
+    # asking for the decision early surfaces objections: an honest listener that does so wins more, which is
+    # what knowing the concerns is measured against (docs/simulator.md)
+    assert rate["eager listener"] > rate["natural listener"]
 
 
 def test_echoing_the_callees_own_figure_resolves_nothing(cfg_module):
@@ -74,3 +95,15 @@ def test_false_claims_on_held_out_labelled_lines(cfg):
     assert sum(bool(it.get("false_claim")) for it in items) >= 60
     s = V.scores(items, V.appraise_items("semantic", items, cfg["simulator"]["rules"]))["false_claim"]
     assert s["precision"] >= 0.85 and s["recall"] >= 0.7
+
+
+def test_lies_without_numbers_and_soft_closes_on_the_independent_held_out_lines(cfg_module):
+    """data/appraisal_independent.jsonl: 342 lines by a writer who saw only the banks' concerns and facts
+    (data/INDEPENDENT.md). Thresholds below the measured values (docs/simulator.md): false claims are
+    precise, most qualitative lies (no number) are caught, and no soft close is read as a push."""
+    items = V.read_labels(os.path.join(os.path.dirname(P.DOMAIN_DIR), "appraisal_independent.jsonl"))
+    preds = V.appraise_items("semantic", items, cfg_module["simulator"]["rules"])
+    s, kinds = V.scores(items, preds), V.by_kind(items, preds)
+    assert s["false_claim"]["precision"] >= 0.9 and s["false_claim"]["recall"] >= 0.65
+    assert kinds["false_qualitative: false claims caught"][0] >= 0.6
+    assert kinds["soft_close: read as a push"] == (0.0, 18)
