@@ -178,6 +178,8 @@ class Trainer:
     def __init__(self, cfg, resume=False, log=print):
         self.cfg, self.log = cfg, log
         self.out = cfg["out_dir"]
+        # every bank (and the guide note's questions) read now: a bad one stops the run before the model loads
+        P.check_domains(cfg["personas"]["domains"], cfg["aopsd"]["note"] if cfg["aopsd"]["coef"] > 0 else None)
         torch.manual_seed(cfg["seed"])
         random.seed(cfg["seed"])
         self.tokenizer, base = lm.load_model(cfg["model"])
@@ -515,22 +517,23 @@ def main(argv=None):
         moved = " (the comparison of every preset is `python compare.py`)" if "compare" in unknown else ""
         raise SystemExit(f"unknown flag --{sorted(unknown)[0]}{moved}; savpo.py takes --config PATH, --resume and "
                          f"key=value overrides.")
-    if flags.get("resume"):
-        saved = os.path.join(cfg["out_dir"], "config.yaml")
-        if os.path.exists(saved):
-            cfg = config.load(saved, [a for a in (argv if argv is not None else sys.argv[1:]) if "=" in a
-                                      and not a.startswith("--")])
-    elif os.path.exists(os.path.join(cfg["out_dir"], "metrics.jsonl")):
-        raise SystemExit(f"{cfg['out_dir']} already holds a run; continue it with --resume or choose "
-                         f"another out_dir=...")
+    errors = (config.ConfigError, lm.ModelError, P.DomainError, checkpoint.CheckpointError)
     try:
+        if flags.get("resume"):
+            saved = os.path.join(cfg["out_dir"], "config.yaml")
+            if os.path.exists(saved):
+                cfg = config.load(saved, [a for a in (argv if argv is not None else sys.argv[1:]) if "=" in a
+                                          and not a.startswith("--")])
+        elif os.path.exists(os.path.join(cfg["out_dir"], "metrics.jsonl")):
+            raise SystemExit(f"{cfg['out_dir']} already holds a run; continue it with --resume or choose "
+                             f"another out_dir=...")
         cfg = warmstart.resolve(cfg)
         trainer = Trainer(cfg, resume=bool(flags.get("resume")))
-    except (config.ConfigError, lm.ModelError, P.DomainError, checkpoint.CheckpointError) as e:
-        raise SystemExit(str(e))
-    print(f"{cfg['algo']}: {len(trainer.train_personas)} training personas, {len(trainer.eval_personas)} held out; "
-          f"{sum(p.numel() for p in trainer.params):,} trainable LoRA parameters; writing to {cfg['out_dir']}")
-    result = trainer.train()
+        print(f"{cfg['algo']}: {len(trainer.train_personas)} training personas, {len(trainer.eval_personas)} held "
+              f"out; {sum(p.numel() for p in trainer.params):,} trainable LoRA parameters; writing to {cfg['out_dir']}")
+        result = trainer.train()
+    except errors as e:     # a user's mistake, also one found mid-run: one sentence; the checkpoints stand
+        raise SystemExit(f"config error: {e}" if isinstance(e, config.ConfigError) else str(e))
     print(f"final evaluation on held-out personas: {json.dumps(result)}")
     print(f"outputs: {cfg['out_dir']}/metrics.jsonl, samples.jsonl, curves.png, config.yaml, checkpoints/")
 

@@ -108,6 +108,7 @@ def train(cfg, log=print):
     """The supervised stage: expert calls -> sequences -> LoRA cross-entropy on the agent's tokens.
     Writes OUT/adapter (PEFT; OUT/epochN after each epoch), OUT/calls.jsonl (the expert's calls), OUT/metrics.jsonl, OUT/config.yaml."""
     w = cfg["warmstart"]
+    P.check_domains(cfg["personas"]["domains"], "guide")    # the expert asks its questions: every bank needs them
     torch.manual_seed(cfg["seed"])
     tokenizer, base = lm.load_model({**cfg["model"], "warm_start": ""})
     t0 = time.perf_counter()
