@@ -48,6 +48,7 @@ import lm
 import losses
 import personas as P
 import rollout
+import runfiles
 import simulator as S
 import warmstart
 
@@ -374,9 +375,11 @@ class Trainer:
             "step": self.step, "skipped_steps": self.skipped_steps, "rng": rng})
 
     def _load_checkpoint(self):
-        """Continue from the newest complete checkpoint (checkpoint.load: a damaged one is reported and
-        skipped); the logs are cut back to its step."""
-        path, state = checkpoint.load(self.checkpoint_dir(), self.model, self.log)
+        """Continue from the newest complete checkpoint (checkpoint.resume: a damaged one is reported and
+        skipped; none at all is step 0); the logs are cut back to its step."""
+        path, state = checkpoint.resume(self.out, self.model, ("metrics.jsonl", "samples.jsonl"), self.log)
+        if state is None:
+            return
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"]["torch"])
@@ -384,9 +387,6 @@ class Trainer:
         if "cuda" in state["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         self.step, self.skipped_steps = state["step"], state["skipped_steps"]
-        # the logs continue from the checkpoint: lines of steps after it (written before a kill) go
-        for name in ("metrics.jsonl", "samples.jsonl"):
-            checkpoint.truncate_jsonl(os.path.join(self.out, name), self.step)
         self.log(f"resumed from {path} at step {self.step}")
 
     def train(self):
@@ -503,8 +503,7 @@ def peak_memory_gb():
 
 
 def _append_jsonl(path, record):
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    runfiles.append_jsonl(path, record)
 
 
 def main(argv=None):

@@ -186,16 +186,16 @@ def train(cfg, resume=False):
     model = lm.add_lora(base, cfg["lora"])
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lt["lr"], weight_decay=0.0)
     grade, step = R.make_grader(cfg, model, tokenizer), 0
-    if resume:   # the newest complete checkpoint (a damaged one is reported and skipped)
+    if resume:   # the newest complete checkpoint (a damaged one is reported and skipped; none: step 0)
         try:
-            _, state = checkpoint.load(os.path.join(out, "checkpoints"), model)
+            _, state = checkpoint.resume(out, model)
         except checkpoint.CheckpointError as e:
             raise D.LogError(str(e)) from None
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
-        step = state["step"]
-        checkpoint.truncate_jsonl(metrics_path, step)    # lines logged after the checkpoint are replayed
+        if state is not None:
+            optimizer.load_state_dict(state["optimizer"])
+            torch.set_rng_state(state["rng"]["torch"])
+            random.setstate(state["rng"]["python"])
+            step = state["step"]
     config.save(cfg, out)
     k, G, T = lt["samples_per_step"], lt["group_size"], lt["temperature"]
     batches = step_batches(samples, k, lt["stop_fraction"], seed)
