@@ -244,9 +244,9 @@ def load_policy(cfg, adapter):
         latest = os.path.join(adapter, "checkpoints", "latest")
         if not os.path.exists(latest):
             raise D.LogError(f"--adapter '{adapter}' holds no adapter, checkpoint or run with checkpoints/latest.")
-        candidate = os.path.join(adapter, "checkpoints", open(latest).read().strip(), "adapter")
-    from peft import PeftModel
-    model = PeftModel.from_pretrained(model, candidate)
+        with open(latest, encoding="utf-8", errors="replace") as f:
+            candidate = os.path.join(adapter, "checkpoints", f.read().strip(), "adapter")
+    model = lm.load_adapter(model, candidate)
     model.eval()
     return tokenizer, model
 
