@@ -33,6 +33,7 @@ import re
 import yaml
 
 import config
+import runfiles
 
 DOMAIN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "domains")
 DISCLOSURE_RULES = ("probe", "push", "guarded")
@@ -327,22 +328,21 @@ def check_disjoint(train, evaluation):
 
 
 def save_jsonl(personas, path):
-    with open(path, "w") as f:
-        for p in personas:
-            f.write(json.dumps(p.to_dict()) + "\n")
+    runfiles.write_jsonl(path, (p.to_dict() for p in personas))
 
 
 def load_jsonl(path):
+    """Personas from a JSONL file `save_jsonl` wrote; a line that is not a persona record is a ValueError
+    naming FILE:LINE."""
     personas = []
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                personas.append(Persona.from_dict(json.loads(line)))
-            except (json.JSONDecodeError, TypeError, KeyError) as e:
-                raise ValueError(f"{path}:{lineno}: not a persona record ({e}); "
-                                 f"write persona files with personas.save_jsonl.") from None
+    for line in runfiles.jsonl_lines(path):
+        try:
+            if line.problem:
+                raise ValueError(line.problem)
+            personas.append(Persona.from_dict(line.record))
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            raise ValueError(f"{path}:{line.number}: not a persona record ({e}); "
+                             f"write persona files with personas.save_jsonl.") from None
     return personas
 
 
