@@ -59,6 +59,8 @@ def compare(config_path, overrides, seeds, n_personas, n, out, algos=ALGOS):
             adapters[(algo, seed)] = final
     personas = evaluation.eval_personas(cfg, n_personas)
     tokenizer, model = lm.load_model(cfg["model"])
+    for path in adapters.values():      # each checked (loaded, taken off again) before any policy is played
+        lm.load_adapter(model, path, what="adapter").unload()
     sim_model = sim_tok = None
     if cfg["simulator"]["model"]:
         sim_tok, sim_model = lm.load_model({**cfg["model"], "name_or_path": cfg["simulator"]["model"], "warm_start": ""})
@@ -75,7 +77,7 @@ def compare(config_path, overrides, seeds, n_personas, n, out, algos=ALGOS):
     play_table(f"base+privileged({cfg['aopsd']['placement']})", cfg["aopsd"]["placement"])
     for (algo, seed), path in adapters.items():
         name = f"{algo}_seed{seed}"
-        model = lm.load_adapter(model, path, name, what="the adapter of")
+        model = lm.load_adapter(model, path, name, what="adapter")
         model.set_adapter(name)
         play_table(name)
     rows = {name: tables[name] for name in list(tables)[:2]}
