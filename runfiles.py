@@ -84,7 +84,7 @@ def jsonl_lines(path):
     with open(path, "rb") as f:
         for number, raw in enumerate(f, 1):
             try:
-                text = raw.decode("utf-8")
+                text = raw.decode("utf-8-sig" if number == 1 else "utf-8")     # an editor's BOM is no damage
             except UnicodeDecodeError as e:
                 out.append(Line(number, None, f"not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})",
                                 raw))

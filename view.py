@@ -509,7 +509,10 @@ def main(argv=None):
         notes.append(f"--max-calls {args.max_calls}: the last {args.max_calls} calls of each source are shown.")
     title = f"{len(calls)} calls from {', '.join(args.paths)}"
     text = page(calls, title, notes)        # built whole before the file is touched: a failure leaves the old page
-    runfiles.write_text(out, text)
+    try:
+        runfiles.write_text(out, text)
+    except OSError as e:
+        raise SystemExit(f"view: cannot write {out} ({e.strerror or type(e).__name__}); pass --out elsewhere.")
     size = len(text.encode("utf-8"))
     if size > BIG_PAGE:
         print(f"view: the page is {size / 2 ** 20:.0f} MB ({len(calls):,} calls) and may take a minute to open; "
