@@ -218,7 +218,7 @@ def _holds_like_its_default(cfg):
             assert value and all(type(x) is type(default[0]) for x in value), key
 
 
-@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.tuples(KEYS, VALUES), min_size=1, max_size=3))
 def test_fuzz_overrides_give_a_config_or_one_sentence(pairs):
     import yaml
@@ -232,7 +232,7 @@ def test_fuzz_overrides_give_a_config_or_one_sentence(pairs):
     _holds_like_its_default(cfg)
 
 
-@settings(max_examples=200, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.dictionaries(KEYS, VALUES, max_size=4), st.booleans())
 def test_fuzz_config_files_give_a_config_or_one_sentence(tmp_path, tree, nest):
     import yaml

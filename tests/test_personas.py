@@ -207,7 +207,7 @@ DAMAGE = st.tuples(st.sampled_from(PLACES), st.sampled_from(["delete", "set", "e
 _count = iter(range(10 ** 9))
 
 
-@settings(max_examples=200, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(DAMAGE, min_size=1, max_size=3), st.booleans())
 def test_fuzz_banks_load_or_give_one_sentence(tmp_path, damage, key_twice):
     import copy

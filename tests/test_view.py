@@ -287,7 +287,7 @@ FIELDS = ["persona_id", "domain", "stratum", "step", "public", "willingness", "d
           "states", "final_state", "concerns", "hidden_concerns", "turn_advantages", "turn_divergence"]
 
 
-@settings(max_examples=150, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=100, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(st.one_of(st.dictionaries(st.sampled_from(FIELDS), JSON, max_size=6),
                           st.builds(lambda m, s: {"messages": m, "states": s},
                                     st.lists(st.dictionaries(st.sampled_from(["role", "content"]),
