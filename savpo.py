@@ -43,6 +43,7 @@ import torch
 import checkpoint
 import config
 import eval as evaluation  # eval.py; the module name is the design's, the alias avoids the builtin
+import facts
 import kvbatch
 import lm
 import losses
@@ -179,8 +180,11 @@ class Trainer:
     def __init__(self, cfg, resume=False, log=print):
         self.cfg, self.log = cfg, log
         self.out = cfg["out_dir"]
-        # every bank (and the guide note's questions) read now: a bad one stops the run before the model loads
-        P.check_domains(cfg["personas"]["domains"], cfg["aopsd"]["note"] if cfg["aopsd"]["coef"] > 0 else None)
+        # every bank (its facts as the simulator checks them, the guide note's questions) read now: a bad one
+        # stops the run before the model loads
+        note = cfg["aopsd"]["note"] if cfg["aopsd"]["coef"] > 0 else None
+        for name in P.check_domains(cfg["personas"]["domains"], note):
+            facts.truth_book(name)
         torch.manual_seed(cfg["seed"])
         random.seed(cfg["seed"])
         self.tokenizer, base = lm.load_model(cfg["model"])

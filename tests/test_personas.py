@@ -177,6 +177,13 @@ def test_a_bank_error_is_one_sentence_before_the_model_loads(tmp_path, monkeypat
     message = str(leave.value)
     assert message.startswith("domain bank no_questions: concern 'commission_fees' has no two expert questions")
     assert "aopsd.note=concerns" in message and "\n" not in message
+    path = write_bank(tmp_path, "no_facts", lambda b: (    # facts the simulator cannot check: also before the model
+        b["agent"].update(facts=["We are friendly."]), b["concerns"][0].update(resolution="We listen."),
+        b["concerns"][0].pop("truth", None), b.update(expert_questions={c["id"]: ["Is it a worry?", "And this?"]
+                                                                         for c in b["concerns"]})))
+    with pytest.raises(SystemExit, match="domain bank no_facts: concern 'commission_fees' has nothing checkable"):
+        savpo.main([f"out_dir={tmp_path / 'run'}", f"personas.domains=[{path}]"])
+    assert not (tmp_path / "run").exists()
 
 
 # the fuzz: a shipped bank with random damage -> the bank, or one DomainError sentence; an accepted bank serves
