@@ -13,7 +13,6 @@ calls go to OUT/samples_NAME.jsonl for view.py.
 """
 
 import argparse
-import json
 import os
 import shutil
 
@@ -22,6 +21,7 @@ import config
 import eval as evaluation
 import lm
 import personas as P
+import runfiles
 import warmstart
 from eval import METRICS, fmt, intervals, paired_difference, per_persona
 from savpo import Trainer
@@ -59,6 +59,8 @@ def compare(config_path, overrides, seeds, n_personas, n, out, algos=ALGOS):
             adapters[(algo, seed)] = final
     personas = evaluation.eval_personas(cfg, n_personas)
     tokenizer, model = lm.load_model(cfg["model"])
+    for path in adapters.values():      # each checked (loaded, taken off again) before any policy is played
+        lm.load_adapter(model, path, what="adapter").unload()
     sim_model = sim_tok = None
     if cfg["simulator"]["model"]:
         sim_tok, sim_model = lm.load_model({**cfg["model"], "name_or_path": cfg["simulator"]["model"], "warm_start": ""})
@@ -73,13 +75,9 @@ def compare(config_path, overrides, seeds, n_personas, n, out, algos=ALGOS):
 
     play_table("base")
     play_table(f"base+privileged({cfg['aopsd']['placement']})", cfg["aopsd"]["placement"])
-    from peft import PeftModel
-    for k, ((algo, seed), path) in enumerate(adapters.items()):
+    for (algo, seed), path in adapters.items():
         name = f"{algo}_seed{seed}"
-        if k == 0:
-            model = PeftModel.from_pretrained(model, path, adapter_name=name)
-        else:
-            model.load_adapter(path, adapter_name=name)
+        model = lm.load_adapter(model, path, name, what="adapter")
         model.set_adapter(name)
         play_table(name)
     rows = {name: tables[name] for name in list(tables)[:2]}
@@ -93,9 +91,9 @@ def compare(config_path, overrides, seeds, n_personas, n, out, algos=ALGOS):
                      if name in algos else None} for name, table in rows.items()}
     # the method against its baseline and its own ablations, persona by persona (seeds averaged)
     pairs = {f"{a} - {b}": paired_difference(rows[b], rows[a]) for a, b in COMPARE_PAIRS if a in rows and b in rows}
-    with open(os.path.join(out, "compare.json"), "w") as f:
-        json.dump({"personas": len(personas), "samples": n, "seeds": list(seeds), "results": result, "pairs": pairs,
-                   "per_persona": tables}, f, indent=1)   # per_persona: for any other paired difference
+    runfiles.write_json(os.path.join(out, "compare.json"), {   # per_persona: for any other paired difference
+        "personas": len(personas), "samples": n, "seeds": list(seeds), "results": result, "pairs": pairs,
+        "per_persona": tables}, indent=1)
     lines = [f"# {len(personas)} held-out personas x {n} samples; trained presets averaged over seeds "
              f"{', '.join(map(str, seeds))} per persona; 95% bootstrap intervals over personas", "",
              "| policy | " + " | ".join(METRICS) + " | reveal minus base | resolve minus base | success minus base |",
@@ -109,8 +107,7 @@ def compare(config_path, overrides, seeds, n_personas, n, out, algos=ALGOS):
     for name, d in pairs.items():
         lines.append(f"| {name} | " + " | ".join(fmt(d[m]) if m in d else "-" for m in
                                                 ("success", "resolve", "reveal", "misinformation")) + " |")
-    with open(os.path.join(out, "compare.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    runfiles.write_text(os.path.join(out, "compare.md"), "\n".join(lines) + "\n")
     _compare_plot(result, os.path.join(out, "compare.png"))
     print("\n".join(lines))
     return result

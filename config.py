@@ -10,18 +10,33 @@ override or a user YAML must already exist in `config.yaml`, and its value must 
 values, and for the keys in `RANGES`, a value in range (plus a few cross-key rules, e.g. a GRPO group
 needs two rollouts). Anything else -- and a YAML syntax error, with its line and column -- stops with
 one sentence naming the key and what is allowed, before anything is written: no run should start on
-a typo. The resolved config is written next to every run (`save`).
+a typo. The resolved config is written next to every run (`save`, whole, then renamed over the old one).
+
+Two choices where YAML 1.1 surprises: only `true` / `false` are booleans (`rollout.compile=on` is the
+text "on", as config.yaml documents it, not True), and a key given twice in one mapping of a file is
+refused with its line. A null is refused unless the default is one, a list must hold items of its
+default's type (and at least one, where the default has some), a float must be finite, a text key with
+a non-empty default must not be empty, and `personas.domains` / `learn_to_ask.domains` must name domain
+banks (a name in data/domains/ or a path to a bank YAML), each once.
 """
 
 import copy
 import dataclasses
+import math
 import os
+import re
 import sys
 
 import yaml
 
+import runfiles
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_PATH = os.path.join(HERE, "config.yaml")
+DOMAIN_DIR = os.path.join(HERE, "data", "domains")     # personas.DOMAIN_DIR (config does not import personas)
+DOMAIN_KEYS = ("personas.domains", "learn_to_ask.domains")
+# text keys whose default is not empty but which may be set empty
+MAY_BE_EMPTY = {"learn_to_ask.response_prefix"}
 
 # Keys whose value must be one of a fixed set (anything not listed is only type-checked).
 CHOICES = {
@@ -78,12 +93,13 @@ def in_range(value, allowed):
     return (lo <= value if allowed[0] == "[" else lo < value) and (value <= hi if allowed[-1] == "]" else value < hi)
 
 
-def _check_ranges(cfg, ranges):
-    """Every `ranges` key, then the cross-key rules, each refused with one sentence."""
+def _check_ranges(cfg, ranges, where=lambda key: ""):
+    """Every `ranges` key, then the cross-key rules, each refused with one sentence (`where(key)`: the file
+    that set the key, for the message)."""
     for key, allowed in ranges.items():
         value = get(cfg, key)
         if not in_range(value, allowed):
-            raise ConfigError(f"config key '{key}' is {value!r}; allowed: {allowed}.")
+            raise ConfigError(f"config key '{key}'{where(key)} is {value!r}; allowed: {allowed}.")
     st, t = cfg["stpr"], cfg["train"]
     if st["coef"] > 0 and st["mode"] in ("direction", "outcome") and t["group_size"] < 2:
         raise ConfigError(f"config key 'train.group_size' is {t['group_size']}; allowed: >= 2 with stpr.mode="
@@ -108,6 +124,60 @@ class ConfigError(ValueError):
     """A user-caused configuration mistake; its message is one sentence naming the key."""
 
 
+# --------------------------------------------------------------------------- YAML, as a config means it
+
+class YamlLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):      # libyaml's parser where installed: ~10x faster
+    """yaml.SafeLoader with two changes: only true / false are booleans (YAML 1.1 also reads on, off, yes,
+    no, y and n as booleans, so `compile: on` became True), and a key given twice in one mapping is an
+    error at the second one (YAML would keep the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.value != "<<":
+                if key_node.value in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key '{key_node.value}' appears twice in one mapping; keep one",
+                        key_node.start_mark)
+                seen.add(key_node.value)
+        return super().construct_mapping(node, deep)
+
+
+YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+YamlLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                 list("tTfF"))
+
+
+def yaml_load(stream):
+    """Parse YAML text (or a file opened in binary) with `YamlLoader`; raises yaml.YAMLError."""
+    return yaml.load(stream, Loader=YamlLoader)
+
+
+def yaml_problem(error):
+    """Where and why a YAML text does not parse, on one line: 'at line 3, column 7 (found ...)'."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None)
+    if mark is None or problem is None:        # e.g. a ReaderError: bytes that are not UTF-8
+        return f"({' '.join(str(error).split())})"
+    return f"at line {mark.line + 1}, column {mark.column + 1} ({' '.join(str(problem).split())})"
+
+
+def read_yaml(path, what="config file"):
+    """The YAML file `path`, parsed with `YamlLoader`; a missing, unreadable or malformed file is a
+    ConfigError naming it (and the line and column)."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"{what} '{path}' does not exist; pass an existing YAML file.")
+    try:
+        with open(path, "rb") as f:
+            return yaml_load(f)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what} '{path}' is not valid YAML {yaml_problem(e)}; fix the YAML there.") from None
+    except OSError as e:
+        raise ConfigError(f"{what} '{path}' cannot be read ({e.strerror or type(e).__name__}).") from None
+
+
 @dataclasses.dataclass(frozen=True)
 class Section:
     """Another method's keys, kept in its own YAML beside its code (learn_to_ask/config.yaml): `load` adds
@@ -128,26 +198,69 @@ def _flatten(tree, prefix=""):
     return flat
 
 
-def _check(key, value, default, choices=CHOICES):
-    if key in choices and value not in choices[key]:
-        raise ConfigError(f"config key '{key}' is {value!r}; allowed: {', '.join(map(str, choices[key]))}.")
-    if default is None or value is None:
+def _kind(default):
+    """'an int', 'a number', 'a text', 'a list': what a value like `default` is, for a message."""
+    return {bool: "true or false", int: "an int", float: "a number", str: "a text", list: "a list",
+            dict: "a mapping"}.get(type(default), f"a {type(default).__name__}")
+
+
+def _check(key, value, default, choices=CHOICES, where=""):
+    """`value` for `key` as the config holds it (an int where a float is meant becomes a float), or a
+    ConfigError naming the key (and, by `where`, the file that set it)."""
+    name = f"config key '{key}'{where}"
+    if key in choices:
+        if not any(value == c and type(value) is type(c) for c in choices[key]):
+            raise ConfigError(f"{name} is {value!r}; allowed: {', '.join(map(str, choices[key]))}.")
         return value
+    if default is None:
+        return value
+    if value is None:
+        raise ConfigError(f"{name} is empty (null); give {_kind(default)} like its default {default!r}.")
     if isinstance(default, bool) or isinstance(value, bool):
         if not (isinstance(default, bool) and isinstance(value, bool)):
-            raise ConfigError(f"config key '{key}' must be true or false like its default {default!r}, got {value!r}.")
+            raise ConfigError(f"{name} must be {_kind(default)} like its default {default!r}, got {value!r}.")
         return value
     if isinstance(default, float) and isinstance(value, (int, str)):
         try:  # YAML 1.1 reads '1e-5' as a string; a number is meant
-            return float(value)
-        except ValueError:
+            value = float(value)
+        except (ValueError, OverflowError):
             pass
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{name} is {value!r}; allowed: a finite number.")
     if isinstance(default, list) and isinstance(value, (list, tuple)):
-        return list(value)
+        value = list(value)
+        if default and not value:
+            raise ConfigError(f"{name} is an empty list; give at least one item, like its default {default!r}.")
+        kinds = {type(x) for x in default}
+        if len(kinds) == 1 and not all(type(x) in kinds for x in value):
+            items = {str: "texts", int: "ints", float: "numbers"}.get(type(default[0]), "items like its default's")
+            raise ConfigError(f"{name} must be a list of {items} like its default {default!r}, got {value!r}.")
+        if all(isinstance(x, str) for x in value) and len(set(value)) < len(value):
+            twice = next(x for i, x in enumerate(value) if x in value[:i])
+            raise ConfigError(f"{name} lists {twice!r} twice; give each item once.")
+        return value
     if type(value) is not type(default):
-        raise ConfigError(f"config key '{key}' must be a {type(default).__name__} like its default "
-                          f"{default!r}, got {value!r}.")
+        raise ConfigError(f"{name} must be {_kind(default)} like its default {default!r}, got {value!r}.")
+    if isinstance(value, str):
+        if default and not value.strip() and key not in MAY_BE_EMPTY:
+            raise ConfigError(f"{name} is empty; give a value like its default {default!r}.")
+        if any(ord(ch) < 32 and ch != "\t" for ch in value):
+            raise ConfigError(f"{name} is {value!r}, which holds a control character; give plain text.")
     return value
+
+
+def _check_domains(cfg, where):
+    """Each entry of the DOMAIN_KEYS lists names a bank: data/domains/NAME.yaml or a path to a YAML file."""
+    shipped = sorted(f[:-5] for f in os.listdir(DOMAIN_DIR) if f.endswith(".yaml"))
+    for key in DOMAIN_KEYS:
+        try:
+            domains = get(cfg, key)
+        except KeyError:
+            continue
+        for d in domains:
+            if d not in shipped and not os.path.isfile(d):
+                raise ConfigError(f"config key '{key}'{where(key)} names {d!r}, which is no domain bank; allowed: "
+                                  f"{', '.join(shipped)}, or the path of a bank YAML file.")
 
 
 def _set(tree, dotted, value):
@@ -158,12 +271,13 @@ def _set(tree, dotted, value):
 
 
 def parse_override(text):
-    """'train.lr=1e-5' -> ('train.lr', 1e-05). Values are YAML scalars or flow lists."""
+    """'train.lr=1e-5' -> ('train.lr', 1e-05). Values are YAML scalars or flow lists (`YamlLoader`: 'on'
+    stays the text 'on'); a value YAML cannot parse is kept as the text given."""
     if "=" not in text:
-        raise ConfigError(f"override '{text}' is not of the form key.sub=value (e.g. train.steps=20).")
+        raise ConfigError(f"override {text!r} is not of the form key.sub=value (e.g. train.steps=20).")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = yaml_load(raw) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
     return key.strip(), value
@@ -174,45 +288,45 @@ def load(path=None, overrides=(), section=None):
     `key=value` overrides, then the preset of the resolved `algo`: a preset's keys define the algorithm
     (grpo *is* outcome advantages without distillation), so they win over the YAML file, and a command-line
     override that contradicts one is an error. Returns a nested dict."""
-    with open(DEFAULT_PATH) as f:
-        cfg = yaml.safe_load(f)
+    cfg = read_yaml(DEFAULT_PATH)
     choices, ranges = CHOICES, RANGES
     if section is not None:
-        with open(section.path) as f:
-            cfg.update(yaml.safe_load(f))
+        cfg.update(read_yaml(section.path))
         choices, ranges = {**CHOICES, **section.choices}, {**RANGES, **section.ranges}
     flat_defaults = _flatten(cfg)
     updates = {}
+    from_file = set()
     if path and os.path.abspath(path) != DEFAULT_PATH:
-        if not os.path.exists(path):
-            raise ConfigError(f"config file '{path}' does not exist; pass an existing YAML file or omit --config.")
-        with open(path) as f:
-            try:
-                user = yaml.safe_load(f) or {}
-            except yaml.YAMLError as e:
-                mark = getattr(e, "problem_mark", None)
-                where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-                raise ConfigError(f"config file '{path}' is not valid YAML{where} "
-                                  f"({getattr(e, 'problem', None) or 'syntax error'}); fix the YAML there.") from None
+        user = read_yaml(path)
+        if user is None:
+            user = {}
         if not isinstance(user, dict):
             raise ConfigError(f"config file '{path}' must hold a mapping of keys, like config.yaml.")
         updates.update(_flatten(user))
+        from_file = set(updates)
     given = dict(parse_override(text) for text in overrides)
     updates.update(given)
+    where = lambda key: f" (set in {path})" if key in from_file and key not in given else ""
+    sections = {k.rsplit(".", i)[0] for k in flat_defaults for i in range(1, k.count(".") + 1)}
     for key in updates:
         if key not in flat_defaults:
+            if key in sections:
+                example = next(k for k in flat_defaults if k.startswith(key + "."))
+                raise ConfigError(f"config key {key!r}{where(key)} is a section; set its keys one by one, "
+                                  f"e.g. {example}={flat_defaults[example]!r}.")
             near = [k for k in flat_defaults if k.split(".")[-1] == key.split(".")[-1]]
             hint = f" Did you mean {' or '.join(near)}?" if near else " See config.yaml for the keys."
-            raise ConfigError(f"unknown config key '{key}'.{hint}")
+            raise ConfigError(f"unknown config key {key!r}{where(key)}.{hint}")
     algo = updates.get("algo", cfg["algo"])
-    _check("algo", algo, cfg["algo"])
+    _check("algo", algo, cfg["algo"], where=where("algo"))
     for key, value in PRESETS[algo].items():
         if key in given and _check(key, given[key], flat_defaults[key]) != value:
             raise ConfigError(f"algo={algo} is defined by {key}={value}; drop the override {key}={given[key]} "
                               f"(another algorithm is another preset: {', '.join(PRESETS)}).")
     for key, value in {**updates, **PRESETS[algo]}.items():
-        _set(cfg, key, _check(key, value, flat_defaults[key], choices))
-    _check_ranges(cfg, ranges)
+        _set(cfg, key, _check(key, value, flat_defaults[key], choices, where(key)))
+    _check_ranges(cfg, ranges, where)
+    _check_domains(cfg, where)
     return cfg
 
 
@@ -223,9 +337,10 @@ def get(cfg, dotted):
 
 
 def save(cfg, run_dir):
+    """RUN/config.yaml, written whole then renamed: a kill never leaves a half config that a resume would
+    fill in with defaults."""
     os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "config.yaml"), "w") as f:
-        yaml.safe_dump(cfg, f, sort_keys=False)
+    runfiles.write_text(os.path.join(run_dir, "config.yaml"), yaml.safe_dump(cfg, sort_keys=False))
 
 
 def command_line(argv, doc):
@@ -249,6 +364,8 @@ def from_argv(argv=None):
     while i < len(argv):
         arg = argv[i]
         if arg == "--config":
+            if i + 1 == len(argv) or argv[i + 1].startswith("--"):
+                raise ConfigError("--config needs the path of a YAML file, e.g. --config presets/cpu_long.yaml.")
             path = argv[i + 1]
             i += 2
             continue

@@ -29,7 +29,6 @@ SAVPO against GRPO and its ablations over several seeds trains every preset firs
 """
 
 import argparse
-import json
 import math
 import os
 import re
@@ -42,6 +41,7 @@ import kvbatch
 import lm
 import personas as P
 import rollout
+import runfiles
 import simulator as S
 
 STOPWORDS = set("i you your my me we our the a an and or to of in on for is are be it that this with "
@@ -270,19 +270,18 @@ def eval_personas(cfg, n=None):
 
 
 def write_samples(trajs, path):
-    """Full dialogues, one JSON line each (Trajectory.to_dict): what view.py draws."""
-    with open(path, "w") as f:
-        for t in trajs:
-            f.write(json.dumps(t.to_dict()) + "\n")
+    """Full dialogues, one JSON line each (Trajectory.to_dict): what view.py draws. Written whole, then
+    renamed over an older file."""
+    runfiles.write_jsonl(path, (t.to_dict() for t in trajs))
 
 
 # --------------------------------------------------------------------------- report
 
-def write_report(results, out_dir, title):
-    """metrics.json, report.md and plots for {policy name: breakdown}."""
+def write_report(results, out_dir, title, plots=True):
+    """metrics.json, report.md and (`plots`) the plots for {policy name: breakdown}, each written whole and
+    then renamed over the old one."""
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-        json.dump(results, f, indent=1, default=str)
+    runfiles.write_json(os.path.join(out_dir, "metrics.json"), results, indent=1, default=str)
     names = list(results)
     cols = ["success_rate", "hangup_rate", "reject_rate", "timeout_rate", "reveal_rate", "resolve_rate",
             "first_probe_turn", "willingness_gain_per_turn", "leak_rate", "misinformation_rate", "incoherent_rate"]
@@ -318,9 +317,9 @@ def write_report(results, out_dir, title):
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "Simulator health (counts): " + "; ".join(f"{n}: {results[n].get('simulator_health')}"
                                                             for n in names)]
-    with open(os.path.join(out_dir, "report.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    _plots(results, out_dir)
+    runfiles.write_text(os.path.join(out_dir, "report.md"), "\n".join(lines) + "\n")
+    if plots:
+        _plots(results, out_dir)
     return os.path.join(out_dir, "report.md")
 
 
@@ -384,22 +383,26 @@ def willingness_by_turn(trajs):
 
 
 def plot_curves(run_dir):
-    """curves.png next to a run's metrics.jsonl: loss terms and rollout outcomes per step."""
+    """curves.png next to a run's metrics.jsonl: loss terms and rollout outcomes per step (a line that
+    cannot be read, or a metric a line lacks, is left out: a plot never stops a run)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    rows = [line.record for line in runfiles.jsonl_lines(os.path.join(run_dir, "metrics.jsonl"))
+            if isinstance(line.record, dict) and isinstance(line.record.get("step"), int)]
     steps = [r["step"] for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
     for key in ("aopsd_kl", "pg_loss", "loss"):
-        axes[0].plot(steps, [r[key] for r in rows], marker="o", label=key)
+        if all(key in r for r in rows):
+            axes[0].plot(steps, [r[key] for r in rows], marker="o", label=key)
     axes[0].set_title("losses")
     for key in ("success_rate", "reveal_rate", "resolve_rate", "misinformation_rate"):
         if all(key in r for r in rows):       # runs logged before the fact check have no misinformation rate
             axes[1].plot(steps, [r[key] for r in rows], marker="o", label=key)
     axes[1].set_ylim(-0.05, 1.05)
     axes[1].set_title("training rollouts")
-    axes[2].plot(steps, [r["willingness_gain"] for r in rows], marker="o", color="tab:green")
+    if all("willingness_gain" in r for r in rows):
+        axes[2].plot(steps, [r["willingness_gain"] for r in rows], marker="o", color="tab:green")
     axes[2].axhline(0, color="gray", lw=0.5)
     axes[2].set_title("willingness gain per dialogue")
     for ax in axes:
@@ -408,7 +411,8 @@ def plot_curves(run_dir):
             ax.legend(fontsize=7)
     fig.tight_layout()
     path = os.path.join(run_dir, "curves.png")
-    fig.savefig(path, dpi=110)
+    with runfiles.atomic(path, "wb") as f:
+        fig.savefig(f, dpi=110, format="png")
     plt.close(fig)
     return path
 
@@ -437,7 +441,7 @@ def main(argv=None):
     parser.add_argument("--out", default="runs/eval", help="output folder")
     parser.add_argument("--config", default=None)
     parser.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)       # overrides may come before and after the flags
     notes = args.notes.split(",") if args.notes else []
     if [n for n in notes if n not in P.NOTE_STYLES]:
         raise SystemExit(f"--notes: unknown note style {[n for n in notes if n not in P.NOTE_STYLES][0]!r}; "
@@ -449,8 +453,8 @@ def main(argv=None):
         personas = eval_personas(cfg, args.personas)
         for path in args.adapter:
             if not os.path.exists(os.path.join(path, "adapter_config.json")):
-                raise SystemExit(f"--adapter {path}: no adapter_config.json there; pass a folder like "
-                                 f"RUN/checkpoints/step_N/adapter.")
+                raise lm.ModelError(f"--adapter {path}: no adapter_config.json there; pass a folder like "
+                                    f"RUN/checkpoints/step_N/adapter.")
             run_cfg = _adapter_run_config(path)
             if run_cfg is not None:  # the adapter's own training personas must not be evaluated on
                 P.check_disjoint(train_personas(run_cfg), personas)
@@ -464,12 +468,16 @@ def main(argv=None):
                     print(f"model.warm_start={warm or '(none)'}: the base the adapter {path} was trained on", file=sys.stderr)
                     cfg["model"]["warm_start"] = warm
         tokenizer, model = lm.load_model(cfg["model"])
+        for path in args.adapter:   # each loaded onto the model and taken off again: a bad one stops here, before
+            lm.load_adapter(model, path).unload()          # any policy is played (and nothing is written)
         sim_model = sim_tok = None
         sim_name = args.simulator_model or cfg["simulator"]["model"]
         if sim_name:
             sim_tok, sim_model = lm.load_model({**cfg["model"], "name_or_path": sim_name, "warm_start": ""})
     except (config.ConfigError, lm.ModelError, P.DomainError, ValueError) as e:
         raise SystemExit(f"eval: {e}")
+    title = f"Evaluation: {len(personas)} held-out personas x {args.n} samples, appraiser " \
+            f"{cfg['simulator']['appraiser']}, simulator model {sim_name or cfg['model']['name_or_path']}"
     seed = cfg["seed"]
     results = {}
 
@@ -491,6 +499,7 @@ def main(argv=None):
             print(f"{'':28s} minus base: revealed {fmt(results[name]['difference_vs_base']['reveal'])}  "
                   f"success {fmt(results[name]['difference_vs_base']['success'])}")
         write_samples(trajs[::args.n], os.path.join(args.out, f"samples_{name.replace('/', '_')}.jsonl"))
+        write_report(results, args.out, title, plots=False)   # each policy's results on disk as soon as it is played
 
     os.makedirs(args.out, exist_ok=True)
     config.save(cfg, args.out)
@@ -500,20 +509,13 @@ def main(argv=None):
     for note in notes:
         pilots.append(f"base+privileged({note}, {cfg['aopsd']['placement']})")
         record(pilots[-1], privileged=cfg["aopsd"]["placement"], note=note)
-    if args.adapter:
-        from peft import PeftModel
-        for i, path in enumerate(args.adapter):
-            name = f"a{i}"
-            if i == 0:
-                model = PeftModel.from_pretrained(model, path, adapter_name=name)
-            else:
-                model.load_adapter(path, adapter_name=name)
-            model.set_adapter(name)
-            run_cfg = _adapter_run_config(path)
-            run_name = os.path.basename(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(path)))))
-            record(f"{run_cfg['algo']}:{run_name}" if run_cfg else f"adapter{i}")
-    title = f"Evaluation: {len(personas)} held-out personas x {args.n} samples, appraiser " \
-            f"{cfg['simulator']['appraiser']}, simulator model {sim_name or cfg['model']['name_or_path']}"
+    for i, path in enumerate(args.adapter):
+        name = f"a{i}"
+        model = lm.load_adapter(model, path, name)
+        model.set_adapter(name)
+        run_cfg = _adapter_run_config(path)
+        run_name = os.path.basename(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(path)))))
+        record(f"{run_cfg['algo']}:{run_name}" if run_cfg else f"adapter{i}")
     report = write_report(results, args.out, title)
     for name in pilots if not args.no_base else []:
         d = results[name]["difference_vs_base"]

@@ -17,8 +17,10 @@ bfloat16 on CUDA and, on the CPU, the dtype that measured fastest for generation
 
 import contextlib
 import importlib.util
+import json
 import logging
 import os
+import re
 import shutil
 import warnings
 
@@ -150,14 +152,66 @@ def merge_warm_start(model, path):
     the reference -- is the warm-started policy, and a fresh LoRA adapter trains on top of it. (The
     simulator's own lines, `simulator.utterance=llm`, then come from it too: name the plain base as
     `simulator.model` to keep them apart.)"""
-    from peft import PeftModel
     if path == "auto":
         raise ModelError("model.warm_start=auto is resolved by savpo.py (it trains the warm start if needed); here "
                          "name the adapter folder, e.g. model.warm_start=runs/warmstart/adapter.")
     if not os.path.exists(os.path.join(path, "adapter_config.json")):
         raise ModelError(f"model.warm_start={path}: no adapter_config.json there; run `python warmstart.py` first "
                          f"or point it at a LoRA adapter folder (runs/warmstart/adapter).")
-    return PeftModel.from_pretrained(model, path).merge_and_unload()
+    return load_adapter(model, path, what="model.warm_start").merge_and_unload()
+
+
+def load_adapter(model, path, name="default", what="--adapter"):
+    """`model` with the LoRA adapter of the folder `path` loaded as `name` (the first wraps the base in a
+    PeftModel, later ones are added to it), checked whole: a folder that is not a readable LoRA adapter of
+    this base model -- no or bad adapter_config.json, weights cut short or empty, another base model or
+    LoRA shape ('size mismatch') -- is a ModelError in one sentence naming `what` and the folder."""
+    from peft import PeftModel
+    from peft.utils import load_peft_weights
+    config_file = os.path.join(path, "adapter_config.json")
+    if not os.path.isfile(config_file):
+        raise ModelError(f"{what} {path}: no adapter_config.json there; pass a LoRA adapter folder like "
+                         f"RUN/checkpoints/step_N/adapter.")
+    try:
+        with open(config_file, encoding="utf-8") as f:
+            adapter_cfg = json.load(f)
+    except (ValueError, OSError) as e:
+        raise ModelError(f"{what} {path}: adapter_config.json cannot be read ({' '.join(str(e).split())[:100]}); "
+                         f"copy the adapter again or pick another checkpoint.") from None
+    if not isinstance(adapter_cfg, dict) or adapter_cfg.get("peft_type") != "LORA":
+        raise ModelError(f"{what} {path}: adapter_config.json is not a LoRA adapter's (peft_type "
+                         f"{adapter_cfg.get('peft_type') if isinstance(adapter_cfg, dict) else None!r}).")
+    try:
+        weights = load_peft_weights(path)
+    except Exception as e:
+        raise ModelError(f"{what} {path}: its weights cannot be read ({type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:100]}); copy the adapter again or pick another checkpoint.") from None
+    if not weights:
+        raise ModelError(f"{what} {path}: its weights file holds no weights; copy the adapter again or pick another "
+                         f"checkpoint.")
+    base = getattr(getattr(model, "config", None), "_name_or_path", "") or "the model"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if isinstance(model, PeftModel):
+                model.load_adapter(path, adapter_name=name)
+            else:
+                model = PeftModel.from_pretrained(model, path, adapter_name=name)
+    except Exception as e:
+        reason = " ".join(str(e).split())
+        shapes = re.search(r"shape torch\.Size\((\[[\d, ]*\])\) from checkpoint, the shape in current model is "
+                           r"torch\.Size\((\[[\d, ]*\])\)", reason)
+        if shapes:
+            raise ModelError(f"{what} {path} does not fit {base}: its LoRA weights have shape {shapes[1]} where this "
+                             f"model needs {shapes[2]} (another base model or lora.r); evaluate it with the model it "
+                             f"was trained on (model.name_or_path in its run's config.yaml).") from None
+        raise ModelError(f"{what} {path} does not load onto {base} ({reason[:140]}); copy it again or pick another "
+                         f"checkpoint.") from None
+    expected = sum(1 for n, _ in model.named_parameters() if "lora_" in n and f".{name}." in n)
+    if len(weights) < expected:
+        raise ModelError(f"{what} {path}: its weights hold {len(weights)} of the {expected} LoRA matrices {base} "
+                         f"needs (trained with other target_modules?); evaluate it with its own run's config.")
+    return model
 
 
 def add_lora(model, lora_cfg, gradient_checkpointing=False):

@@ -48,6 +48,7 @@ import lm
 import losses
 import personas as P
 import rollout
+import runfiles
 import simulator as S
 import warmstart
 
@@ -178,6 +179,9 @@ class Trainer:
     def __init__(self, cfg, resume=False, log=print):
         self.cfg, self.log = cfg, log
         self.out = cfg["out_dir"]
+        # every bank (its facts checkable, the guide note's questions) read now: a bad one stops the run before
+        # the model loads
+        P.check_domains(cfg["personas"]["domains"], cfg["aopsd"]["note"] if cfg["aopsd"]["coef"] > 0 else None)
         torch.manual_seed(cfg["seed"])
         random.seed(cfg["seed"])
         self.tokenizer, base = lm.load_model(cfg["model"])
@@ -372,9 +376,11 @@ class Trainer:
             "step": self.step, "skipped_steps": self.skipped_steps, "rng": rng})
 
     def _load_checkpoint(self):
-        """Continue from the newest complete checkpoint (checkpoint.load: a damaged one is reported and
-        skipped); the logs are cut back to its step."""
-        path, state = checkpoint.load(self.checkpoint_dir(), self.model, self.log)
+        """Continue from the newest complete checkpoint (checkpoint.resume: a damaged one is reported and
+        skipped; none at all is step 0); the logs are cut back to its step."""
+        path, state = checkpoint.resume(self.out, self.model, ("metrics.jsonl", "samples.jsonl"), self.log)
+        if state is None:
+            return
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"]["torch"])
@@ -382,9 +388,6 @@ class Trainer:
         if "cuda" in state["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         self.step, self.skipped_steps = state["step"], state["skipped_steps"]
-        # the logs continue from the checkpoint: lines of steps after it (written before a kill) go
-        for name in ("metrics.jsonl", "samples.jsonl"):
-            checkpoint.truncate_jsonl(os.path.join(self.out, name), self.step)
         self.log(f"resumed from {path} at step {self.step}")
 
     def train(self):
@@ -501,8 +504,7 @@ def peak_memory_gb():
 
 
 def _append_jsonl(path, record):
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    runfiles.append_jsonl(path, record)
 
 
 def main(argv=None):
@@ -515,22 +517,23 @@ def main(argv=None):
         moved = " (the comparison of every preset is `python compare.py`)" if "compare" in unknown else ""
         raise SystemExit(f"unknown flag --{sorted(unknown)[0]}{moved}; savpo.py takes --config PATH, --resume and "
                          f"key=value overrides.")
-    if flags.get("resume"):
-        saved = os.path.join(cfg["out_dir"], "config.yaml")
-        if os.path.exists(saved):
-            cfg = config.load(saved, [a for a in (argv if argv is not None else sys.argv[1:]) if "=" in a
-                                      and not a.startswith("--")])
-    elif os.path.exists(os.path.join(cfg["out_dir"], "metrics.jsonl")):
-        raise SystemExit(f"{cfg['out_dir']} already holds a run; continue it with --resume or choose "
-                         f"another out_dir=...")
+    errors = (config.ConfigError, lm.ModelError, P.DomainError, checkpoint.CheckpointError)
     try:
+        if flags.get("resume"):
+            saved = os.path.join(cfg["out_dir"], "config.yaml")
+            if os.path.exists(saved):
+                cfg = config.load(saved, [a for a in (argv if argv is not None else sys.argv[1:]) if "=" in a
+                                          and not a.startswith("--")])
+        elif os.path.exists(os.path.join(cfg["out_dir"], "metrics.jsonl")):
+            raise SystemExit(f"{cfg['out_dir']} already holds a run; continue it with --resume or choose "
+                             f"another out_dir=...")
         cfg = warmstart.resolve(cfg)
         trainer = Trainer(cfg, resume=bool(flags.get("resume")))
-    except (config.ConfigError, lm.ModelError, P.DomainError, checkpoint.CheckpointError) as e:
-        raise SystemExit(str(e))
-    print(f"{cfg['algo']}: {len(trainer.train_personas)} training personas, {len(trainer.eval_personas)} held out; "
-          f"{sum(p.numel() for p in trainer.params):,} trainable LoRA parameters; writing to {cfg['out_dir']}")
-    result = trainer.train()
+        print(f"{cfg['algo']}: {len(trainer.train_personas)} training personas, {len(trainer.eval_personas)} held "
+              f"out; {sum(p.numel() for p in trainer.params):,} trainable LoRA parameters; writing to {cfg['out_dir']}")
+        result = trainer.train()
+    except errors as e:     # a user's mistake, also one found mid-run: one sentence; the checkpoints stand
+        raise SystemExit(f"config error: {e}" if isinstance(e, config.ConfigError) else str(e))
     print(f"final evaluation on held-out personas: {json.dumps(result)}")
     print(f"outputs: {cfg['out_dir']}/metrics.jsonl, samples.jsonl, curves.png, config.yaml, checkpoints/")
 

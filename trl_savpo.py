@@ -65,6 +65,7 @@ import kvbatch
 import lm
 import personas as P
 import rollout
+import runfiles
 import savpo
 import simulator as S
 
@@ -180,8 +181,8 @@ def _trainer_class():
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if state.is_world_process_zero and logs:
-                with open(os.path.join(args.output_dir, "metrics.jsonl"), "a") as f:
-                    f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+                runfiles.append_jsonl(os.path.join(args.output_dir, "metrics.jsonl"),
+                                      {"step": state.global_step, **logs})
 
     class SAVPOTrainer(GRPOTrainer):
         """GRPOTrainer with SAVPO's objective: per-token STPR advantages and the AOPSD term."""
@@ -295,31 +296,36 @@ def main(argv=None):
         raise SystemExit(f"unknown flag --{sorted(set(flags) - {'resume'})[0]}; trl_savpo.py takes --config PATH, "
                          f"--resume and key=value overrides.")
     resume = bool(flags.get("resume"))
-    if resume:
-        saved = os.path.join(cfg["out_dir"], "config.yaml")
-        if os.path.exists(saved):
-            cfg = config.load(saved, [a for a in (sys.argv[1:] if argv is None else argv) if "=" in a
-                                      and not a.startswith("--")])
-    elif os.path.exists(os.path.join(cfg["out_dir"], "metrics.jsonl")):
-        raise SystemExit(f"{cfg['out_dir']} already holds a run; continue it with --resume or choose another out_dir=...")
+    metrics = os.path.join(cfg["out_dir"], "metrics.jsonl")
     try:
+        if resume:
+            saved = os.path.join(cfg["out_dir"], "config.yaml")
+            if os.path.exists(saved):
+                cfg = config.load(saved, [a for a in (sys.argv[1:] if argv is None else argv) if "=" in a
+                                          and not a.startswith("--")])
+        elif os.path.exists(metrics):
+            raise SystemExit(f"{cfg['out_dir']} already holds a run; continue it with --resume or choose another "
+                             f"out_dir=...")
+        out = cfg["out_dir"]
+        steps_saved = [int(d.split("-")[1]) for d in (os.listdir(out) if os.path.isdir(out) else [])
+                       if re.fullmatch(r"checkpoint-\d+", d)]
+        if resume and not steps_saved and not os.path.exists(metrics):
+            raise SystemExit(f"--resume: nothing to resume in {out} (no checkpoint-N, no metrics.jsonl); start without "
+                             f"--resume, or set the out_dir of the run to continue.")
         trainer = build_trainer(cfg)
-    except (config.ConfigError, lm.ModelError, P.DomainError) as e:
+        main_process = trainer.accelerator.is_main_process
+        if resume and main_process:   # the steps logged after the checkpoint (all, without one) are trained again
+            if not steps_saved:
+                print(f"{out}: no TRL checkpoint (checkpoint-N); the run starts again from step 0.")
+            checkpoint.truncate_jsonl(metrics, max(steps_saved, default=0))
+    except (config.ConfigError, lm.ModelError, P.DomainError, checkpoint.CheckpointError) as e:
         raise SystemExit(f"config error: {e}" if isinstance(e, config.ConfigError) else str(e))
-    main_process = trainer.accelerator.is_main_process
     if main_process:
         config.save(cfg, cfg["out_dir"])
         print(f"{cfg['algo']} on TRL {TRL_VERSION}: {trainer.accelerator.num_processes} process(es), "
               f"{cfg['train']['steps']} steps x {cfg['train']['personas_per_step']} personas x G "
               f"{cfg['train']['group_size']}; writing to {cfg['out_dir']}")
-    out = cfg["out_dir"]
-    steps_saved = [int(d.split("-")[1]) for d in (os.listdir(out) if os.path.isdir(out) else [])
-                   if re.fullmatch(r"checkpoint-\d+", d)]
-    if resume and not steps_saved:
-        raise SystemExit(f"--resume: no TRL checkpoint (checkpoint-N) in {cfg['out_dir']}; start without --resume.")
     has_checkpoint = resume and bool(steps_saved)
-    if has_checkpoint and main_process:   # the steps logged after the checkpoint are trained again
-        checkpoint.truncate_jsonl(os.path.join(cfg["out_dir"], "metrics.jsonl"), max(steps_saved))
     trainer.train(resume_from_checkpoint=True if has_checkpoint else None)
     sums = adapter_checksums(trainer)
     if main_process:

@@ -8,9 +8,14 @@
 Reads savpo.py's samples.jsonl (step + `Trajectory.to_dict` + per-turn `turn_advantages` and
 `turn_divergence`), eval.py's samples_<policy>.jsonl (the policy is in the file name; eval plays every
 policy on the same personas with the same seed, so their calls pair up) and learn_to_ask.py's
-play_dialogues.jsonl (turns and the final state only). A field an older file lacks (domain, public
-card, severity, advantage, ...) is shown as unknown. Writes one HTML file (default: view.html in the
-folder, or FILE.html next to a file) and prints its path; it needs no network to open.
+play_dialogues.jsonl (turns and the final state only). A field an older file lacks or holds with
+another type (domain, public card, severity, willingness, advantage, ...) is shown as unknown; a line
+that is not a JSON object is skipped, and the skipped lines are counted once per file, on the terminal
+and on the page. Two sources whose policies share a name (two eval folders, each with
+samples_base.jsonl) are told apart by their folder. Writes one HTML file (default: view.html in the
+folder, or FILE.html next to a file; never over an input), whole, then renamed over an older page, and
+prints its path; it needs no network to open. A page over ~25 MB is said to be slow to open, with the
+remedy (`--max-calls N`: the last N calls of each source).
 
 Per call: the persona's public card and hidden concerns, the transcript turn by turn, beside each
 agent turn what the simulator made of it (its `events`: probed, addressed, open probe, push, false
@@ -26,6 +31,7 @@ never turns text into HTML.
 """
 
 import argparse
+import collections
 import glob
 import html
 import json
@@ -33,6 +39,8 @@ import os
 import sys
 
 import yaml
+
+import runfiles
 
 EVENTS = {"probed": "probed", "addressed": "addressed", "open_probe": "open probe", "push": "push",
           "false_claims": "false claim", "incoherent": "incoherent", "checklist": "checklist", "pitch": "pitch",
@@ -53,14 +61,24 @@ def num(x):
     return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
 
 
+def as_dict(x):
+    return x if isinstance(x, dict) else {}
+
+
+def as_list(x):
+    return x if isinstance(x, list) else []
+
+
+BIG_PAGE = 25 * 2 ** 20     # bytes: a page this large takes a browser tens of seconds to open
+
+
 # --------------------------------------------------------------------------- reading
 
 def sources(path):
     """[(policy label, JSONL file, run config or {})] of a run folder, an eval folder or a file."""
     if os.path.isdir(path):
         # eval's policies in the order it played them (base first): metrics.json keeps that order
-        metrics = os.path.join(path, "metrics.json")
-        played = [k.replace("/", "_") for k in json.load(open(metrics))] if os.path.exists(metrics) else []
+        played = [str(k).replace("/", "_") for k in as_dict(_read(os.path.join(path, "metrics.json"), json.load))]
         name = lambda f: os.path.basename(f)[len("samples_"):-len(".jsonl")]
         rank = lambda f: (played.index(name(f)) if name(f) in played else len(played), f)
         files = sorted(glob.glob(os.path.join(path, "samples_*.jsonl")), key=rank)
@@ -75,41 +93,74 @@ def sources(path):
         raise ViewError(f"{path}: no such file or folder.")
     out = []
     for f in files:
-        cfg_path = os.path.join(os.path.dirname(os.path.abspath(f)), "config.yaml")
-        cfg = yaml.safe_load(open(cfg_path)) if os.path.exists(cfg_path) else {}
-        cfg = cfg if isinstance(cfg, dict) else {}
+        cfg = as_dict(_read(os.path.join(os.path.dirname(os.path.abspath(f)), "config.yaml"), yaml.safe_load))
         name, folder = os.path.basename(f), os.path.basename(os.path.dirname(os.path.abspath(f)))
         if name.startswith("samples_") and name.endswith(".jsonl"):
             policy = name[len("samples_"):-len(".jsonl")]
         elif name == "play_dialogues.jsonl":
             policy = f"learn-to-ask:{folder}"
         elif name == "samples.jsonl":
-            policy = f"{cfg['algo']}:{folder}" if "algo" in cfg else folder
+            policy = f"{cfg['algo']}:{folder}" if isinstance(cfg.get("algo"), str) else folder
         else:
             policy = name.rsplit(".", 1)[0]
         out.append((policy, f, cfg))
     return out
 
 
-def read_calls(paths):
-    """Every call of every source, normalised (`normalise`), in file order."""
-    calls = []
+def _read(path, parse):
+    """`parse` of the file at `path`, or None if it is missing or cannot be parsed (the page then shows
+    what it would without it: file order, no accept threshold)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return parse(f)
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+
+
+def labelled_sources(paths):
+    """`sources` of every path, each file once; a policy label that two files share gets the file's folder
+    (two eval folders both hold samples_base.jsonl: their calls must not pair up as one policy's)."""
+    found = {}
     for path in paths:
         for policy, f, cfg in sources(path):
-            seen = {}
-            for n, line in enumerate(open(f, encoding="utf-8", errors="replace"), 1):
+            found.setdefault(os.path.abspath(f), (policy, f, cfg))
+    found = list(found.values())
+    shared = {p for p, n in collections.Counter(p for p, _, _ in found).items() if n > 1}
+    out = [(f"{p} ({os.path.dirname(f) or '.'})" if p in shared else p, f, cfg) for p, f, cfg in found]
+    shared = {p for p, n in collections.Counter(p for p, _, _ in out).items() if n > 1}
+    return [(f"{p} ({f})" if p in shared else p, f, cfg) for p, f, cfg in out]
+
+
+def read_calls(paths, max_calls=0, skipped=None):
+    """Every call of every source, normalised (`normalise`), in file order; with `max_calls`, the last
+    that many of each source. `skipped` (a list) receives (file, lines skipped, first such line number)
+    per file with lines that are not JSON objects."""
+    calls = []
+    for policy, f, cfg in labelled_sources(paths):
+        seen, mine, bad = {}, [], []
+        with open(f, encoding="utf-8", errors="replace") as lines:
+            for n, line in enumerate(lines, 1):
                 if not line.strip():
                     continue
                 try:
                     rec = json.loads(line)
-                    assert isinstance(rec, dict)
-                except (ValueError, AssertionError):
-                    print(f"{f}:{n}: skipped, not a JSON object", file=sys.stderr)
+                except ValueError:
+                    rec = None
+                if not isinstance(rec, dict):
+                    bad.append(n)
                     continue
                 call = normalise(rec, policy, cfg)
                 replica = seen[call["persona_id"]] = seen.get(call["persona_id"], -1) + 1
-                call.update(pair=f"{call['persona_id']}#{replica}", id=len(calls))
-                calls.append(call)
+                call.update(pair=f"{call['persona_id']}#{replica}")
+                mine.append(call)
+        if bad:
+            print(f"view: {f}: {len(bad):,} line{'s' * (len(bad) > 1)} skipped, not JSON objects (the first: line "
+                  f"{bad[0]})", file=sys.stderr)
+            if skipped is not None:
+                skipped.append((f, len(bad), bad[0]))
+        for call in mine[-max_calls if max_calls else 0:]:
+            call["id"] = len(calls)
+            calls.append(call)
     return calls
 
 
@@ -118,7 +169,7 @@ def normalise(rec, policy, cfg):
     statement, severity, disclosure}], start (willingness), lead (the callee's opening lines), turns
     [{agent, user, state, advantage, divergence}], decision, verdict (Learn-to-Ask), accept (the
     run's accept threshold, from the config.yaml beside the file)}."""
-    messages = [m for m in rec.get("messages") or [] if isinstance(m, dict)]
+    messages = [m for m in as_list(rec.get("messages")) if isinstance(m, dict)]
     lead, turns, system = [], [], []
     for m in messages:
         text = str(m.get("content", ""))
@@ -128,28 +179,31 @@ def normalise(rec, policy, cfg):
             system.append(text)
         else:
             (turns[-1]["user"] if turns else lead).append(text)
-    states = [s if isinstance(s, dict) else None for s in rec.get("states") or []]
-    final = rec.get("final_state") if isinstance(rec.get("final_state"), dict) else None
+    # a state as the page reads it: a mapping whose concern_status and events are mappings (or None)
+    state = lambda s: {**s, "concern_status": as_dict(s.get("concern_status")), "events": as_dict(s.get("events"))} \
+        if isinstance(s, dict) else None
+    states = [state(s) for s in as_list(rec.get("states"))]
+    final = state(rec.get("final_state"))
     if final and not states and turns:      # Learn-to-Ask play keeps only the state after the last turn
         states = [None] * (len(turns) - 1) + [final]
-    logged = {key: rec[key] if isinstance(rec.get(key), list) else [] for key in ("turn_advantages", "turn_divergence")}
+    logged = {key: as_list(rec.get(key)) for key in ("turn_advantages", "turn_divergence")}
     for k, t in enumerate(turns):
         t.update(state=states[k] if k < len(states) else None,
                  advantage=num(logged["turn_advantages"][k]) if k < len(logged["turn_advantages"]) else None,
                  divergence=num(logged["turn_divergence"][k]) if k < len(logged["turn_divergence"]) else None)
-    concerns = [{**c, "id": str(c["id"])} for c in rec.get("concerns") or [] if isinstance(c, dict) and "id" in c]
+    concerns = [{**c, "id": str(c["id"])} for c in as_list(rec.get("concerns")) if isinstance(c, dict) and "id" in c]
     if not concerns:
-        hidden = rec.get("hidden_concerns") if isinstance(rec.get("hidden_concerns"), dict) else {}
-        concerns = [{"id": str(cid), "statement": text} for cid, text in hidden.items()]
+        concerns = [{"id": str(cid), "statement": text} for cid, text in as_dict(rec.get("hidden_concerns")).items()]
     for s in [s for s in states if s] + ([final] if final else []):    # ids only the states name
-        for cid in s.get("concern_status") or {}:
+        for cid in s["concern_status"]:
             if str(cid) not in {c["id"] for c in concerns}:
                 concerns.append({"id": str(cid)})
-    rules = (cfg.get("simulator") or {}).get("rules") or {}
+    rules = as_dict(as_dict(cfg.get("simulator")).get("rules"))
     last = next((s for s in reversed(states) if s), final)
+    public = rec.get("public") if isinstance(rec.get("public"), str) else (system[0] if system else None)
     return {"policy": policy, "persona_id": str(rec.get("persona_id", "unknown")),
             "domain": str(rec.get("domain", "unknown")), "stratum": str(rec.get("stratum", "unknown")),
-            "step": rec.get("step"), "public": rec.get("public") or (system[0] if system else None),
+            "step": rec.get("step") if num(rec.get("step")) is not None else None, "public": public,
             "concerns": concerns, "start": num(rec.get("willingness")), "lead": lead, "turns": turns,
             "decision": str(rec.get("decision") or (last or {}).get("decision") or "unknown"),
             "verdict": rec.get("verdict"), "accept": num(rules.get("accept_threshold"))}
@@ -185,7 +239,7 @@ def curve_svg(call, width=300, height=96, small=False):
 def chips(call, state, before=None):
     """Each concern's status after a turn; where `before` (the statuses before it) is known, a status
     that changed this turn is marked."""
-    status = (state or {}).get("concern_status") or {}
+    status = as_dict((state or {}).get("concern_status"))
     out = []
     for c in call["concerns"]:
         s = str(status.get(c["id"], "unknown")) if state else "unknown"
@@ -199,7 +253,7 @@ def event_tags(events):
     """Every event that is set (a non-empty list, true, a number), the known ones labelled and coloured;
     kinds this file does not know appear under their own name."""
     tags = []
-    for key, value in (events or {}).items():
+    for key, value in as_dict(events).items():
         if key in SHOWN_BY_CHIPS or not value:
             continue
         label = EVENTS.get(key, str(key).replace("_", " "))
@@ -242,7 +296,7 @@ def call_html(call):
         before = (t["state"].get("concern_status") or {}) if t["state"] else None
     last = next((t["state"] for t in reversed(call["turns"]) if t["state"]), None)
     end_w = num((last or {}).get("willingness"))
-    gain = end_w - call["start"] if end_w is not None and call["start"] is not None else 0.0
+    gain = end_w - call["start"] if end_w is not None and call["start"] is not None else None   # an old file: unknown
     concerns = "".join(
         f'<li><span class="chip s-hidden">{esc(c["id"])}</span> {esc(c.get("statement", "(statement unknown)"))} '
         f'<span class="muted">severity {esc(c.get("severity", "unknown"))}, disclosure '
@@ -251,13 +305,15 @@ def call_html(call):
     step = f" &middot; step {esc(call['step'])}" if call["step"] is not None else ""
     attrs = {"policy": call["policy"], "domain": call["domain"], "stratum": call["stratum"],
              "outcome": call["decision"], "pair": call["pair"], "persona": call["persona_id"],
-             "turns": len(call["turns"]), "gain": f"{gain:.4f}", "step": call["step"] or 0, "order": call["id"]}
+             "turns": len(call["turns"]), "gain": "" if gain is None else f"{gain:.4f}", "step": call["step"] or 0,
+             "order": call["id"]}
     data = " ".join(f'data-{k}="{esc(v)}"' for k, v in attrs.items())
     return (f'<details class="call" {data}>'
             f'<summary><span class="pol">{esc(call["policy"])}</span> <b>{esc(call["persona_id"])}</b> '
             f'<span class="muted">{esc(call["domain"])} &middot; {esc(call["stratum"])}{step}</span> '
             f'<span class="outcome o-{esc(call["decision"])}">{esc(outcome)}</span> '
-            f'<span class="muted">{len(call["turns"])} turns, willingness {gain:+g}</span> '
+            f'<span class="muted">{len(call["turns"])} turns, willingness {"unknown" if gain is None else f"{gain:+g}"}'
+            f'</span> '
             f'{curve_svg(call, 70, 18, small=True)} {chips(call, last) if last else ""}</summary>'
             f'<div class="persona"><div><p>{esc(call["public"] or "public card: unknown")}</p>'
             f'<p class="muted">starting willingness {esc(call["start"] if call["start"] is not None else "unknown")}'
@@ -271,7 +327,7 @@ def summary_rows(calls):
     for policy in dict.fromkeys(c["policy"] for c in calls):
         mine = [c for c in calls if c["policy"] == policy]
         final = [next((t["state"] for t in reversed(c["turns"]) if t["state"]), None) or {} for c in mine]
-        status = [v for f in final for v in (f.get("concern_status") or {}).values()]
+        status = [v for f in final for v in as_dict(f.get("concern_status")).values()]
         share = lambda pred: f"{sum(map(pred, status)) / len(status):.2f}" if status else "-"
         rows.append(f'<tr><td>{esc(policy)}</td><td>{len(mine)}</td>'
                     f'<td>{sum(c["decision"] == "accept" for c in mine) / len(mine):.2f}</td>'
@@ -287,15 +343,18 @@ def options(calls, key, everything):
         "".join(f'<option value="{esc(v)}">{esc(v)}</option>' for v in values)
 
 
-def page(calls, title):
+def page(calls, title, notes=()):
+    """The HTML page of `calls`; `notes`: sentences shown under the title (lines skipped, calls left out)."""
     policies = list(dict.fromkeys(c["policy"] for c in calls))
     b_default = len(policies) - 1
     select = lambda key, label: f'<label>{label} <select id="f-{label}">{options(calls, key, "all")}</select></label>'
+    said = "".join(f'<p class="note">{esc(n)}</p>' for n in notes)
     return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title><style>{CSS}</style></head><body>
-<h1>{esc(title)}</h1>
-<table class="summary"><tr><th>policy</th><th>calls</th><th>accepted</th><th>concerns revealed</th>
-<th>resolved</th><th>turns</th></tr>{summary_rows(calls)}</table>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{esc(title)}</title><style>{CSS}</style></head><body>
+<h1>{esc(title)}</h1>{said}
+<div class="wide"><table class="summary"><tr><th>policy</th><th>calls</th><th>accepted</th><th>concerns revealed</th>
+<th>resolved</th><th>turns</th></tr>{summary_rows(calls)}</table></div>
 <p class="legend">concern chips: <span class="chip s-hidden">hidden</span> <span class="chip s-revealed">revealed</span>
 <span class="chip s-resolved">resolved</span> <span class="chip s-revealed new">&#9650; changed this turn</span>
 &middot; A = STPR advantage, KL = AOPSD divergence of the turn (where the run logged them)</p>
@@ -340,6 +399,9 @@ p.agent{background:#e8f0fe}p.user{background:#f1f1f1;margin-left:24px}p.lead{mar
 svg.curve .accept{stroke:#2a8a3a;stroke-dasharray:4 3}svg.curve text{font-size:9px;fill:#999}
 svg.curve circle{fill:#3366cc}svg.curve circle.up{fill:#2a8a3a}svg.curve circle.down{fill:#b3261e}
 .pair{display:grid;grid-template-columns:1fr 1fr;gap:10px;align-items:start}.missing{color:#999;padding:8px}
+.note{font-size:12px;color:#8a5a00;background:#fff7e0;padding:2px 6px;margin:2px 0}.wide{overflow-x:auto;max-width:100%}
+@media (max-width:700px){body{margin:8px}.turn,.pair{grid-template-columns:minmax(0,1fr)}.persona{flex-wrap:wrap}
+summary svg{display:none}}
 """
 
 JS = """
@@ -357,7 +419,8 @@ function ordered(list) {
   const key = $('#sort').value, numeric = ['turns', 'gain', 'step', 'order'].includes(key);
   return list.sort((a, b) => {
     const x = a.dataset[key], y = b.dataset[key];
-    const c = numeric ? parseFloat(x) - parseFloat(y) : x.localeCompare(y);
+    const u = parseFloat(x), v = parseFloat(y);   // an unknown number ('') sorts last
+    const c = numeric ? (isNaN(u) - isNaN(v)) || (u - v) : x.localeCompare(y);
     return c || parseFloat(a.dataset.order) - parseFloat(b.dataset.order);
   });
 }
@@ -406,24 +469,54 @@ if (hash.includes('open')) { const first = document.querySelector(side ? '#pairs
 """
 
 
+def default_out(paths):
+    """view.html in a single folder, FILE.html beside a single file, else view.html here -- never one of
+    the inputs (a file named x.html gives x.view.html)."""
+    first = paths[0]
+    if len(paths) == 1 and os.path.isdir(first):
+        return os.path.join(first, "view.html")
+    out = os.path.splitext(first)[0] + ".html" if len(paths) == 1 else "view.html"
+    inputs = {os.path.abspath(p) for p in paths}
+    return os.path.splitext(out)[0] + ".view.html" if os.path.abspath(out) in inputs else out
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Write one offline HTML page of calls with the simulator's "
                                                  "hidden state (see the module docstring).")
     parser.add_argument("paths", nargs="+", help="run folder, eval folder, Learn-to-Ask out_dir or JSONL file")
     parser.add_argument("--out", help="the HTML file (default: view.html in the folder, FILE.html for a file)")
+    parser.add_argument("--max-calls", type=int, default=0, metavar="N",
+                        help="keep the last N calls of each source (0 = all): a smaller page for a long run")
     args = parser.parse_args(argv)
+    if args.max_calls < 0:
+        raise SystemExit(f"view: --max-calls must be 0 (all) or more, got {args.max_calls}.")
+    skipped = []
     try:
-        calls = read_calls(args.paths)
-    except ViewError as e:
+        files = {os.path.abspath(f) for _, f, _ in labelled_sources(args.paths)}
+        out = args.out or default_out(args.paths)
+        if os.path.abspath(out) in files or os.path.abspath(out) in {os.path.abspath(p) for p in args.paths}:
+            raise ViewError(f"--out {out} is one of the inputs; name another file for the page.")
+        if os.path.isdir(out):
+            raise ViewError(f"--out {out} is a folder; name the HTML file, e.g. {os.path.join(out, 'view.html')}.")
+        calls = read_calls(args.paths, args.max_calls, skipped)
+    except (ViewError, OSError) as e:
         raise SystemExit(f"view: {e}")
     if not calls:
-        raise SystemExit(f"view: no calls in {', '.join(args.paths)}.")
-    first = args.paths[0]
-    out = args.out or (os.path.join(first, "view.html") if len(args.paths) == 1 and os.path.isdir(first)
-                       else os.path.splitext(first)[0] + ".html" if len(args.paths) == 1 else "view.html")
+        raise SystemExit(f"view: no calls in {', '.join(args.paths)}" + (" (every line skipped)." if skipped else "."))
+    notes = [f"{f}: {n:,} line{'s' * (n > 1)} skipped, not JSON objects (the first: line {first})."
+             for f, n, first in skipped]
+    if args.max_calls:
+        notes.append(f"--max-calls {args.max_calls}: the last {args.max_calls} calls of each source are shown.")
     title = f"{len(calls)} calls from {', '.join(args.paths)}"
-    with open(out, "w", encoding="utf-8") as f:
-        f.write(page(calls, title))
+    text = page(calls, title, notes)        # built whole before the file is touched: a failure leaves the old page
+    try:
+        runfiles.write_text(out, text)
+    except OSError as e:
+        raise SystemExit(f"view: cannot write {out} ({e.strerror or type(e).__name__}); pass --out elsewhere.")
+    size = len(text.encode("utf-8"))
+    if size > BIG_PAGE:
+        print(f"view: the page is {size / 2 ** 20:.0f} MB ({len(calls):,} calls) and may take a minute to open; "
+              f"--max-calls N keeps the last N calls of each source.", file=sys.stderr)
     print(os.path.abspath(out))
     return out
 

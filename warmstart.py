@@ -28,7 +28,6 @@ student learns to ask about *some* concern -- which one is what the privileged v
 distillation has to carry over.
 """
 
-import json
 import os
 import random
 import sys
@@ -41,6 +40,7 @@ import eval as evaluation
 import lm
 import personas as P
 import rollout
+import runfiles
 from scripted_agents import play_scripted, push_line
 
 
@@ -108,6 +108,7 @@ def train(cfg, log=print):
     """The supervised stage: expert calls -> sequences -> LoRA cross-entropy on the agent's tokens.
     Writes OUT/adapter (PEFT; OUT/epochN after each epoch), OUT/calls.jsonl (the expert's calls), OUT/metrics.jsonl, OUT/config.yaml."""
     w = cfg["warmstart"]
+    P.check_domains(cfg["personas"]["domains"], "guide")    # the expert asks its questions: every bank needs them
     torch.manual_seed(cfg["seed"])
     tokenizer, base = lm.load_model({**cfg["model"], "warm_start": ""})
     t0 = time.perf_counter()
@@ -120,15 +121,14 @@ def train(cfg, log=print):
     optimizer = torch.optim.AdamW(params, lr=w["lr"])
     os.makedirs(w["out_dir"], exist_ok=True)
     config.save(cfg, w["out_dir"])
-    with open(os.path.join(w["out_dir"], "calls.jsonl"), "w") as f:
-        for c in calls:
-            f.write(json.dumps({"persona_id": c["persona"].persona_id, "decision": c["decision"],
-                                "messages": c["messages"], "states": c["states"]}) + "\n")
+    runfiles.write_jsonl(os.path.join(w["out_dir"], "calls.jsonl"), (
+        {"persona_id": c["persona"].persona_id, "decision": c["decision"], "messages": c["messages"],
+         "states": c["states"]} for c in calls))
     from tqdm import tqdm
     rng = random.Random(cfg["seed"])
     order = list(range(0, len(data), 2 if w["views"] == "both" else 1))     # a call's two views stay together
     metrics_path = os.path.join(w["out_dir"], "metrics.jsonl")
-    open(metrics_path, "w").close()
+    runfiles.write_text(metrics_path, "")
     for epoch in range(w["epochs"]):
         rng.shuffle(order)
         model.train()
@@ -153,11 +153,13 @@ def train(cfg, log=print):
         bar.close()
         record = {"epoch": epoch + 1, "loss": round(total / tokens, 4), "agent_tokens": tokens,
                   "sequences": len(data), "elapsed_s": round(time.perf_counter() - t0, 1)}
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        runfiles.append_jsonl(metrics_path, record)
         log(f"epoch {epoch + 1}: cross-entropy {record['loss']:.3f} over {tokens} agent tokens")
-        model.save_pretrained(os.path.join(w["out_dir"], f"epoch{epoch + 1}"))   # a long stage keeps what it has done
-    model.save_pretrained(os.path.join(w["out_dir"], "adapter"))
+        with runfiles.atomic_dir(os.path.join(w["out_dir"], f"epoch{epoch + 1}")) as tmp:   # a long stage keeps
+            model.save_pretrained(tmp)                                                       # what it has done
+    # written whole, then renamed: `resolve` takes a folder with adapter_config.json for a finished warm start
+    with runfiles.atomic_dir(os.path.join(w["out_dir"], "adapter")) as tmp:
+        model.save_pretrained(tmp)
     return os.path.join(w["out_dir"], "adapter")
 
 
@@ -197,7 +199,7 @@ def main(argv=None):
         raise SystemExit("model.warm_start is set: the warm start trains on the base as published; leave it empty here.")
     try:
         path = train(cfg)
-    except (lm.ModelError, P.DomainError, ValueError) as e:
+    except (lm.ModelError, P.DomainError, config.ConfigError, ValueError) as e:
         raise SystemExit(str(e))
     print(f"adapter: {path}; use it with model.warm_start={path}")
 

@@ -17,16 +17,16 @@ decision and stops; its messages carry exact labels.
 
 import collections
 import hashlib
-import json
 import os
 import random
 import re
 
 import torch
-import yaml
 
+import config
 import lm
 import personas as P
+import runfiles
 import simulator as S
 from kvbatch import KVBatch
 
@@ -59,30 +59,30 @@ def _check_session(record, seen):
 
 
 def read_logs(path, on_bad_line="skip", log=print):
-    """Sessions from a JSONL log, one per line. A malformed line is reported as 'FILE:LINE: reason'
-    and skipped (`on_bad_line=skip`) or stops the run (`refuse`). Returns (sessions, problems)."""
-    if not os.path.exists(path):
+    """Sessions from a JSONL log, one per line. A malformed line -- not UTF-8, not JSON, not a session --
+    is reported as 'FILE:LINE: reason' and skipped (`on_bad_line=skip`) or stops the run (`refuse`); the
+    skipped lines are said in one line (the first few named). Returns (sessions, problems)."""
+    if not os.path.isfile(path):
         raise LogError(f"log file '{path}' does not exist; run `python -m learn_to_ask make-logs` or set "
                        f"learn_to_ask.logs to your JSONL logs.")
     sessions, problems, seen = [], [], set()
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                reason = _check_session(record, seen)
-            except json.JSONDecodeError as e:
-                reason = f"not valid JSON ({e.msg})"
-            if reason:
-                problem = f"{path}:{lineno}: {reason}"
-                if on_bad_line == "refuse":
-                    raise LogError(problem + "; fix the line or set learn_to_ask.on_bad_line=skip.")
-                problems.append(problem)
-                log(f"skipped {problem}")
-                continue
-            seen.add(record["session_id"])
-            sessions.append(record)
+    try:
+        lines = runfiles.jsonl_lines(path)
+    except OSError as e:
+        raise LogError(f"log file '{path}' cannot be read ({e.strerror or type(e).__name__}).") from None
+    for line in lines:
+        reason = line.problem or _check_session(line.record, seen)
+        if reason:
+            problem = f"{path}:{line.number}: {reason}"
+            if on_bad_line == "refuse":
+                raise LogError(problem + "; fix the line or set learn_to_ask.on_bad_line=skip.")
+            problems.append(problem)
+            continue
+        seen.add(line.record["session_id"])
+        sessions.append(line.record)
+    if problems:
+        log(f"skipped {len(problems)} malformed line{'s' * (len(problems) > 1)} of {path}: "
+            + "; ".join(p[len(path) + 1:] for p in problems[:3]) + ("; ..." if len(problems) > 3 else ""))
     return sessions, problems
 
 
@@ -218,15 +218,17 @@ def check_questions(questions, domains, path):
 
 def make_logs(cfg):
     lt = cfg["learn_to_ask"]
-    questions = yaml.safe_load(open(lt["expert_questions"]))
+    try:
+        questions = config.read_yaml(lt["expert_questions"], "expert question file")
+    except config.ConfigError as e:
+        raise LogError(str(e)) from None
+    if not isinstance(questions, dict):
+        raise LogError(f"{lt['expert_questions']}: must map each domain to {{concern id: [two questions]}}.")
     check_questions(questions, lt["domains"], lt["expert_questions"])
     sim_cfg = {**cfg["simulator"], "appraiser": "lexical", "utterance": "template", "max_turns": 10}
     personas = P.sample_many(lt["domains"], lt["log_sessions"], lt["log_seed"])
     sessions = [expert_session(p, questions, sim_cfg, lt["log_seed"]) for p in personas]
-    os.makedirs(os.path.dirname(lt["logs"]) or ".", exist_ok=True)
-    with open(lt["logs"], "w") as f:
-        for s in sessions:
-            f.write(json.dumps(s) + "\n")
+    runfiles.write_jsonl(lt["logs"], sessions)
     n_c = sum(len(s["hidden_concerns"]) for s in sessions)
     probed = sum(len({p for m in s["messages"] for p in m.get("probes", [])}) for s in sessions)
     print(f"wrote {len(sessions)} sessions ({', '.join(lt['domains'])}) to {lt['logs']} "
@@ -237,6 +239,9 @@ def make_logs(cfg):
 def prepare(cfg):
     lt = cfg["learn_to_ask"]
     sessions, problems = read_logs(lt["logs"], lt["on_bad_line"])
+    if not sessions:
+        raise LogError(f"{lt['logs']}: no usable session ({len(problems)} malformed lines skipped); a log holds one "
+                       f"JSON object per line with session_id and messages (role, content).")
     if lt["max_sessions"]:
         sessions = sessions[:lt["max_sessions"]]
     labels = lt["extractor"] == "labels"
@@ -250,11 +255,9 @@ def prepare(cfg):
             s["info_truth"] = info
     kept, dropped = drop_empty(samples)
     path = samples_path(cfg)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w") as f:
-        for s in kept:
-            s["split"] = "test" if is_test(s["session_id"], lt["test_fraction"]) else "train"
-            f.write(json.dumps({k: v for k, v in s.items() if k != "future"}) + "\n")
+    for s in kept:
+        s["split"] = "test" if is_test(s["session_id"], lt["test_fraction"]) else "train"
+    runfiles.write_jsonl(path, ({k: v for k, v in s.items() if k != "future"} for s in kept))
     count = lambda split, d: sum(s["split"] == split and s["decision_truth"] == d for s in kept)
     print(f"{len(sessions)} sessions ({len(problems)} malformed lines skipped) -> {len(kept)} samples "
           f"(train: {count('train', 'continue')} continue / {count('train', 'stop')} stop, test: "
@@ -266,8 +269,29 @@ def samples_path(cfg):
     return cfg["learn_to_ask"]["samples"] or os.path.join(cfg["learn_to_ask"]["out_dir"], "samples.jsonl")
 
 
+SAMPLE_FIELDS = {"sample_id": str, "session_id": (str, int), "context": list, "decision_truth": str, "info_ids": list,
+                 "split": str}
+
+
 def load_samples(cfg, split):
+    """The samples of one split ('train' or 'test') of the samples file `prepare` wrote; a line that is
+    not such a sample is a LogError naming FILE:LINE."""
     path = samples_path(cfg)
-    if not os.path.exists(path):
+    if not os.path.isfile(path):
         raise LogError(f"samples file '{path}' does not exist; run `python -m learn_to_ask prepare` first.")
-    return [s for s in map(json.loads, open(path)) if s["split"] == split]
+    out = []
+    for line in runfiles.jsonl_lines(path):
+        record = line.record
+        bad = line.problem or ("not a JSON object" if not isinstance(record, dict) else next(
+            (f"'{k}' is missing or not a {getattr(t, '__name__', 'text')}" for k, t in SAMPLE_FIELDS.items()
+             if not isinstance(record.get(k), t)), None))
+        if not bad and _check_session({"session_id": 0, "messages": record["context"] or [{}]}, set()):
+            bad = "'context' must be a list of messages with 'role' and a string 'content'"
+        if bad:
+            raise LogError(f"{path}:{line.number}: {bad}; write the samples with `python -m learn_to_ask prepare`.")
+        if record["split"] == split:
+            out.append(record)
+    if not out:
+        raise LogError(f"samples file '{path}' holds no {split} samples; run `python -m learn_to_ask prepare` "
+                       f"(learn_to_ask.test_fraction sets the split).")
+    return out

@@ -46,6 +46,7 @@ import kvbatch
 import lm
 import losses
 import personas as P
+import runfiles
 import simulator as S
 from kvbatch import KVBatch
 from learn_to_ask import data as D, load_config, reward as R
@@ -166,6 +167,11 @@ def step_batches(samples, k, stop_fraction, seed):
     stops = rng.sample([s for s in samples if s["decision_truth"] == "stop"], sum(s["decision_truth"] == "stop" for s in samples))
     conts = rng.sample([s for s in samples if s["decision_truth"] != "stop"], len(samples) - len(stops))
     n_stop = round(k * stop_fraction)
+    for kind, pool, wanted in (("stop", stops, n_stop), ("continue", conts, k - n_stop)):
+        if wanted and not pool:
+            raise D.LogError(f"the training samples hold no {kind} sample, and learn_to_ask.stop_fraction="
+                             f"{stop_fraction} asks for {wanted} a step; set learn_to_ask.stop_fraction=0 (the data's "
+                             f"own share).")
     return lambda step: ([stops[(step * n_stop + i) % len(stops)] for i in range(n_stop)] +
                          [conts[(step * (k - n_stop) + i) % len(conts)] for i in range(k - n_stop)])
 
@@ -186,16 +192,16 @@ def train(cfg, resume=False):
     model = lm.add_lora(base, cfg["lora"])
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lt["lr"], weight_decay=0.0)
     grade, step = R.make_grader(cfg, model, tokenizer), 0
-    if resume:   # the newest complete checkpoint (a damaged one is reported and skipped)
+    if resume:   # the newest complete checkpoint (a damaged one is reported and skipped; none: step 0)
         try:
-            _, state = checkpoint.load(os.path.join(out, "checkpoints"), model)
+            _, state = checkpoint.resume(out, model)
         except checkpoint.CheckpointError as e:
             raise D.LogError(str(e)) from None
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
-        step = state["step"]
-        checkpoint.truncate_jsonl(metrics_path, step)    # lines logged after the checkpoint are replayed
+        if state is not None:
+            optimizer.load_state_dict(state["optimizer"])
+            torch.set_rng_state(state["rng"]["torch"])
+            random.setstate(state["rng"]["python"])
+            step = state["step"]
     config.save(cfg, out)
     k, G, T = lt["samples_per_step"], lt["group_size"], lt["temperature"]
     batches = step_batches(samples, k, lt["stop_fraction"], seed)
@@ -219,8 +225,7 @@ def train(cfg, resume=False):
         record = {"step": step + 1, **R.summarize(records), "reward_std": round(float(rewards.std(unbiased=False)), 4),
                   **{k_: round(v, 5) for k_, v in stats.items()}, "gen_tok_s": round(n_tok / gen_s, 1),
                   "step_s": round(time.perf_counter() - t0, 1)}
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        runfiles.append_jsonl(metrics_path, record)
         if (step + 1) % lt["save_every"] == 0 or step + 1 == lt["steps"]:
             save_checkpoint(model, optimizer, step + 1, os.path.join(out, "checkpoints"))
         tqdm.write(f"step {step + 1:3d} | reward {record['reward']:.2f} (std {record['reward_std']:.2f}) decision "
@@ -244,9 +249,9 @@ def load_policy(cfg, adapter):
         latest = os.path.join(adapter, "checkpoints", "latest")
         if not os.path.exists(latest):
             raise D.LogError(f"--adapter '{adapter}' holds no adapter, checkpoint or run with checkpoints/latest.")
-        candidate = os.path.join(adapter, "checkpoints", open(latest).read().strip(), "adapter")
-    from peft import PeftModel
-    model = PeftModel.from_pretrained(model, candidate)
+        with open(latest, encoding="utf-8", errors="replace") as f:
+            candidate = os.path.join(adapter, "checkpoints", f.read().strip(), "adapter")
+    model = lm.load_adapter(model, candidate)
     model.eval()
     return tokenizer, model
 
@@ -267,20 +272,31 @@ def stop_probability(model, tokenizer, samples, lt):
 
 
 def _load_report(cfg, name):
+    """OUT_DIR/NAME.json as {label: result}; a file that cannot be read is a LogError naming it."""
     path = os.path.join(cfg["learn_to_ask"]["out_dir"], name + ".json")
-    return json.load(open(path)) if os.path.exists(path) else {}
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            results = json.load(f)
+    except (ValueError, OSError) as e:
+        raise D.LogError(f"{path} cannot be read ({' '.join(str(e).split())[:80]}); move it aside and run again "
+                         f"(it collects the results of earlier runs).") from None
+    if not isinstance(results, dict):
+        raise D.LogError(f"{path} is not a mapping of results; move it aside and run again.")
+    return results
 
 
 def _report(cfg, name, label, result, columns):
-    """Merge `result` under `label` into OUT_DIR/NAME.json and rewrite NAME.md as a table."""
+    """Merge `result` under `label` into OUT_DIR/NAME.json and rewrite NAME.md as a table (each written
+    whole, then renamed)."""
     out = cfg["learn_to_ask"]["out_dir"]
-    os.makedirs(out, exist_ok=True)
-    path = os.path.join(out, name + ".json")
-    results = json.load(open(path)) if os.path.exists(path) else {}
+    results = _load_report(cfg, name)
     results[label] = result
-    json.dump(results, open(path, "w"), indent=1)
-    table = R.md_table(["metric", *results], [[c, *(r.get(c, "-") for r in results.values())] for c in columns])
-    open(os.path.join(out, name + ".md"), "w").write(table + "\n")
+    runfiles.write_json(os.path.join(out, name + ".json"), results, indent=1)
+    cell = lambda r, c: r.get(c, "-") if isinstance(r, dict) else "-"
+    table = R.md_table(["metric", *results], [[c, *(cell(r, c) for r in results.values())] for c in columns])
+    runfiles.write_text(os.path.join(out, name + ".md"), table + "\n")
     return table
 
 
@@ -310,7 +326,7 @@ def evaluate(cfg, adapter=None):
         result[f"p_stop_on_{truth}"] = round(sum(probs) / max(1, len(probs)), 4)
     per_sample = {s["sample_id"]: sum(r["R"] for r in records[i * n:(i + 1) * n]) / n for i, s in enumerate(samples)}
     label = f"trained ({adapter})" if adapter else "base"
-    base = _load_report(cfg, "eval").get("base", {}).get("per_sample_reward")
+    base = (_load_report(cfg, "eval").get("base") or {}).get("per_sample_reward")
     if adapter and base:
         result["reward_minus_base"] = session_difference(base, per_sample)
     table = _report(cfg, "eval", label, {**result, "per_sample_reward": per_sample}, list(result))
@@ -384,13 +400,13 @@ def play(cfg, adapter=None):
     for i, p in enumerate(persona_list):
         print(f"{p.persona_id} [{p.domain}] revealed {sum(v != 'hidden' for v in sim.states[i].concern_status.values())}"
               f"/{len(p.concerns)}, customer: {sim.states[i].decision}, policy: {verdicts[i]}")
-    with open(os.path.join(lt["out_dir"], "play_dialogues.jsonl"), "w") as f:    # why each call went as it did
-        for p, d, v, st in zip(persona_list, dialogues, verdicts, sim.states):
-            f.write(json.dumps({"persona_id": p.persona_id, "domain": p.domain, "stratum": p.stratum,
-                                "willingness": p.willingness, "hidden_concerns": {c.id: c.statement for c in p.concerns},
-                                "concerns": [{"id": c.id, "statement": c.statement, "severity": c.severity,
-                                              "disclosure": c.disclosure} for c in p.concerns],
-                                "verdict": v, "final_state": st.to_dict(), "messages": d}) + "\n")
+    runfiles.write_jsonl(os.path.join(lt["out_dir"], "play_dialogues.jsonl"), (    # why each call went as it did
+        {"persona_id": p.persona_id, "domain": p.domain, "stratum": p.stratum, "willingness": p.willingness,
+         "hidden_concerns": {c.id: c.statement for c in p.concerns},
+         "concerns": [{"id": c.id, "statement": c.statement, "severity": c.severity, "disclosure": c.disclosure}
+                      for c in p.concerns],
+         "verdict": v, "final_state": st.to_dict(), "messages": d}
+        for p, d, v, st in zip(persona_list, dialogues, verdicts, sim.states)))
     total = sum(len(p.concerns) for p in persona_list)
     revealed = sum(v != "hidden" for s in sim.states for v in s.concern_status.values())
     decided = sum(v in ("right", "late") for v in verdicts)
@@ -440,7 +456,7 @@ def main(argv=None):
             evaluate(cfg, args.adapter)
         else:
             play(cfg, args.adapter)
-    except (D.LogError, lm.ModelError, P.DomainError) as e:
+    except (D.LogError, lm.ModelError, P.DomainError, config.ConfigError) as e:
         raise SystemExit(str(e))
 
 

@@ -24,9 +24,11 @@ import torch
 
 import lm
 import personas as P
+import runfiles
 from learn_to_ask.data import LogError
 
 STOP_TEXT = "</state>"      # decoding stops here: every well-formed reply ends with it
+GRADER_PROMPTS = ("rubric", "rubric+cal", "fewshot", "fewshot+cal", "short", "short+cal")   # calibrate's variants
 ACTION_FORMAT = re.compile(r"^\s*<action>(.*?)</action>\s*<state>(.*?)</state>\s*$", re.S)
 
 
@@ -178,17 +180,17 @@ def read_labels(path):
     if not os.path.exists(path):
         raise LogError(f"grader label file '{path}' does not exist; set learn_to_ask.grader_labels.")
     items = []
-    for lineno, line in enumerate(open(path), 1):
-        if line.strip():
-            try:
-                item = json.loads(line)
-                bad = [k for k, t in need.items() if not isinstance(item.get(k), t)]
-            except json.JSONDecodeError:
-                bad = ["(not JSON)"]
-            if bad or item["format"] not in SCORES or item["content"] not in SCORES:
-                raise LogError(f"{path}:{lineno}: a label needs domain, question, reference (list) and format/"
-                               f"content in 0, 0.5, 1; problem with {', '.join(bad) or 'a score'}.")
-            items.append(item)
+    for line in runfiles.jsonl_lines(path):
+        item = line.record
+        bad = [line.problem] if line.problem else ["(not a JSON object)"] if not isinstance(item, dict) else \
+            [k for k, t in need.items() if not isinstance(item.get(k), t)]
+        if bad or item["format"] not in SCORES or item["content"] not in SCORES:
+            raise LogError(f"{path}:{line.number}: a label needs domain, question, reference (list) and format/"
+                           f"content in 0, 0.5, 1; problem with {', '.join(bad) or 'a score'}.")
+        items.append(item)
+    if not items:
+        raise LogError(f"grader label file '{path}' holds no labels; one JSON object per line (see "
+                       f"data/grader_labels.jsonl).")
     return items
 
 
@@ -219,13 +221,26 @@ def calibrate(cfg):
     best = max(llm_rows, key=key)["grader"][4:] if llm_rows else None
     table = md_table(["grader", "format acc", "format kappa", "content acc", "content kappa"],
                      [[r["grader"], r["format_acc"], r["format_kappa"], r["content_acc"], r["content_kappa"]] for r in rows])
-    os.makedirs(lt["out_dir"], exist_ok=True)
     if best:
-        json.dump({"best": best, "rows": rows, "n_items": len(items)}, open(os.path.join(lt["out_dir"], "calibration.json"), "w"), indent=1)
-    open(os.path.join(lt["out_dir"], "calibration.md"), "w").write(table + "\n")
+        runfiles.write_json(os.path.join(lt["out_dir"], "calibration.json"),
+                            {"best": best, "rows": rows, "n_items": len(items)}, indent=1)
+    runfiles.write_text(os.path.join(lt["out_dir"], "calibration.md"), table + "\n")
     print(f"grader agreement with {len(items)} hand labels ({lt['grader_labels']}):\n{table}")
     if best:
         print(f"best LLM prompt variant: {best} (used when learn_to_ask.grader_prompt=best)")
+
+
+def _calibrated(path):
+    """The prompt variant `calibrate` kept in `path`; a file that cannot be read is a LogError naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            best = json.load(f).get("best")
+    except (ValueError, OSError, AttributeError):
+        best = None
+    if best not in GRADER_PROMPTS:
+        raise LogError(f"{path} names no grader prompt; run `python -m learn_to_ask calibrate learn_to_ask.grader=llm` "
+                       f"again or set learn_to_ask.grader_prompt to one of {', '.join(GRADER_PROMPTS)}.")
+    return best
 
 
 def make_grader(cfg, model, tokenizer):
@@ -236,7 +251,7 @@ def make_grader(cfg, model, tokenizer):
     variant = lt["grader_prompt"]
     if variant == "best":
         path = os.path.join(lt["out_dir"], "calibration.json")
-        variant = json.load(open(path))["best"] if os.path.exists(path) else "rubric"
+        variant = _calibrated(path) if os.path.exists(path) else "rubric"
     return lambda items: llm_grade(model, tokenizer, items, variant)
 
 

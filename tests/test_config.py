@@ -138,3 +138,116 @@ def test_the_comparisons_shared_overrides_never_redefine_a_preset(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("stpr:\n  mode: direction\n")
     assert config.load(str(path), ["algo=grpo"])["stpr"]["mode"] == "outcome"
+
+
+# ----------------------------------------------------------------------------- issue 32: every value a user can give
+
+def test_the_documented_words_on_and_off_are_text_not_booleans(tmp_path):
+    """YAML 1.1 reads on / off / yes / no as booleans: `rollout.compile=on`, documented, was refused as True."""
+    assert config.load(None, ["rollout.compile=on"])["rollout"]["compile"] == "on"
+    assert config.load(None, ["rollout.compile=off"])["rollout"]["compile"] == "off"
+    path = tmp_path / "c.yaml"
+    path.write_text("rollout:\n  compile: off\n")
+    assert config.load(str(path))["rollout"]["compile"] == "off"
+    saved = tmp_path / "run"                     # and a saved run reads back as it was written
+    config.save(config.load(None, ["rollout.compile=on"]), str(saved))
+    assert config.load(str(saved / "config.yaml"))["rollout"]["compile"] == "on"
+    with pytest.raises(config.ConfigError, match="must be true or false like its default False, got 'yes'"):
+        config.load(None, ["train.gradient_checkpointing=yes"])
+
+
+@pytest.mark.parametrize("override, words", [
+    ("simulator.rules.patience=true", "must be an int like its default 4, got True"),   # not "true or false"
+    ("seed=null", "'seed' is empty (null); give an int"),
+    ("out_dir=null", "'out_dir' is empty (null)"),
+    ("out_dir=", "'out_dir' is empty"),
+    ("personas.domains=[]", "'personas.domains' is an empty list"),
+    ("lora.target_modules=[]", "'lora.target_modules' is an empty list"),
+    ("lora.target_modules=[1, 2]", "must be a list of texts"),
+    ("personas.domains=[merchant_recruitment, merchant_recruitment]", "lists 'merchant_recruitment' twice"),
+    ("personas.domains=[nope]", "names 'nope', which is no domain bank; allowed: broadband_switch"),
+    ("train.lr=.inf", "'train.lr' is inf; allowed: a finite number"),
+    ("simulator.rules=3", "'simulator.rules' is a section; set its keys one by one, e.g. simulator.rules.patience=4"),
+])
+def test_values_that_used_to_pass_and_crash_later_are_refused(override, words):
+    with pytest.raises(config.ConfigError) as err:
+        config.load(None, [override])
+    assert words in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_key_twice_in_a_file_is_refused_with_its_line(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  steps: 3\n  lr: 1.0e-4\n  steps: 5\n")
+    with pytest.raises(config.ConfigError, match=r"line 4, column 3 \(key 'steps' appears twice"):
+        config.load(str(path))
+    path.write_text("train:\n  lr: -1\n")      # a bad value from a file names the file
+    with pytest.raises(config.ConfigError, match=f"'train.lr' \\(set in {path}\\) is -1"):
+        config.load(str(path))
+
+
+def test_config_flag_without_a_path_is_one_sentence():
+    import savpo
+    with pytest.raises(SystemExit, match="--config needs the path of a YAML file"):
+        savpo.main(["--config"])
+
+
+# the fuzz: any key (a real one, a section, a typo), any YAML value -> a config or one ConfigError sentence
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+FLAT = config._flatten(config.load())
+KEYS = st.sampled_from(sorted(FLAT) + ["train", "simulator.rules", "train.lrr", "", "a..b", "seed.x", "ü.ß"])
+SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-10 ** 12, 10 ** 12),
+                    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=12),
+                    st.sampled_from(["on", "off", "yes", "no", "~", "null", "1e-5", "1e3", ".nan", "[", "{a: 1",
+                                     "merchant_recruitment", "auto", "lexical"]))
+VALUES = st.recursive(SCALARS, lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                                        st.dictionaries(st.text(max_size=6), inner, max_size=3)),
+                      max_leaves=6)
+
+
+def _holds_like_its_default(cfg):
+    """Every key of an accepted config has its default's kind: no null, no empty list, a finite number."""
+    import math
+    for key, default in FLAT.items():
+        value = config.get(cfg, key)
+        assert value is not None, key
+        assert isinstance(value, type(default)) or (isinstance(default, float) and isinstance(value, float)), key
+        if isinstance(value, float):
+            assert math.isfinite(value), key
+        if isinstance(default, list) and default:
+            assert value and all(type(x) is type(default[0]) for x in value), key
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(KEYS, VALUES), min_size=1, max_size=3))
+def test_fuzz_overrides_give_a_config_or_one_sentence(pairs):
+    import yaml
+    overrides = [f"{k}={v if isinstance(v, str) else yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
+                 for k, v in pairs]
+    try:
+        cfg = config.load(None, overrides)
+    except config.ConfigError as e:
+        assert str(e) and "\n" not in str(e)
+        return
+    _holds_like_its_default(cfg)
+
+
+@settings(max_examples=150, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.dictionaries(KEYS, VALUES, max_size=4), st.booleans())
+def test_fuzz_config_files_give_a_config_or_one_sentence(tmp_path, tree, nest):
+    import yaml
+    nested = {}
+    for key, value in tree.items():                       # dotted keys as nested mappings, or left dotted
+        node = nested
+        parts = key.split(".") if nest else [key]
+        for part in parts[:-1]:
+            node = node.setdefault(part, {}) if isinstance(node.get(part, {}), dict) else {}
+        node[parts[-1]] = value
+    path = tmp_path / "fuzz.yaml"
+    path.write_text(yaml.safe_dump(nested, allow_unicode=True))
+    try:
+        cfg = config.load(str(path))
+    except config.ConfigError as e:
+        assert str(e) and "\n" not in str(e)
+        return
+    _holds_like_its_default(cfg)

@@ -204,6 +204,81 @@ def test_ctrl_c_finishes_the_step_then_checkpoints(tiny_dir, tmp_path, monkeypat
     assert load(run) == load(straight)                    # nothing applied twice, nothing lost
 
 
+class Killed(BaseException):
+    """A kill: nothing of the trainer catches it (it is no Exception), as nothing catches a SIGKILL."""
+
+
+def test_kills_at_random_points_then_resume_give_the_straight_runs_logs(tiny_dir, tmp_path, monkeypatch, one_thread):
+    """A short run killed at seeded random points -- before a log line, halfway through writing one (a cut-off
+    line), before a checkpoint's trainer.pt, before `latest` moves, before config.yaml -- and resumed each time
+    as a user would (--resume; where it says there is nothing to resume, a plain start) ends with the
+    metrics.jsonl (timing aside) and samples.jsonl of a run never killed. Before issue 32 a cut-off line
+    stopped the resume with a JSONDecodeError and a kill before the first checkpoint left no way on."""
+    import random
+
+    import checkpoint
+    import runfiles
+    cheap = ["train.steps=3", "train.personas_per_step=1", "simulator.max_turns=1", "rollout.max_new_tokens=3",
+             "personas.eval_n=1"]
+    countdown, said = [None, 0], []                      # [events left before the kill, events in all]
+    real_append, real_write, real_save = runfiles.append_jsonl, runfiles.write_text, torch.save
+
+    def killed():
+        countdown[1] += 1
+        if countdown[0] is not None:
+            countdown[0] -= 1
+            return countdown[0] == 0
+        return False
+
+    def append(path, record):
+        if killed():                                    # before the line
+            raise Killed
+        if killed():                                    # halfway through writing it
+            with open(path, "a") as f:
+                f.write(json.dumps(record)[:20])
+            raise Killed
+        real_append(path, record)
+
+    def write_text(path, text):                         # config.yaml, checkpoints/latest
+        if killed():
+            raise Killed
+        real_write(path, text)
+
+    def save(obj, f, *a, **k):                          # a checkpoint's trainer.pt
+        if killed():
+            raise Killed
+        real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(runfiles, "append_jsonl", append)
+    monkeypatch.setattr(runfiles, "write_text", write_text)
+    monkeypatch.setattr(torch, "save", save)
+    straight, run = tmp_path / "straight", tmp_path / "killed"
+    savpo.Trainer(tiny_cfg(tiny_dir, straight, *cheap), log=lambda *a: None).train()
+    total = countdown[1]                                # the events of a whole run: 1 + 6 a step
+    rng = random.Random(0)
+    # the first kill anywhere in the run, then one into each resumed run at each of the events of the step it
+    # replays (config.yaml, 2 x 2 log events, trainer.pt, latest), in a seeded random order
+    kills = [rng.randrange(2, total), *rng.sample(range(2, 8), 6)]
+    resume, finished, runs = False, False, 0
+    while not finished:
+        countdown[0] = kills[runs] if runs < len(kills) else None
+        runs += 1
+        try:
+            savpo.Trainer(tiny_cfg(tiny_dir, run, *cheap), resume=resume, log=said.append).train()
+            finished = True
+        except Killed:
+            resume = True
+        except checkpoint.CheckpointError as e:          # killed before anything of the run was written
+            assert "nothing to resume" in str(e)
+            resume = False
+    assert runs == len(kills) + 1                        # every kill happened
+    load = lambda d, name: strip_timing([json.loads(x) for x in open(d / name)])
+    assert load(run, "metrics.jsonl") == load(straight, "metrics.jsonl")
+    assert load(run, "samples.jsonl") == load(straight, "samples.jsonl")
+    assert all("\n" not in s for s in said)
+    assert any("was cut off" in s for s in said) and any(s.startswith("resumed from") for s in said)
+
+
 def test_evaluation_uses_the_training_simulator_model(tiny_dir, tmp_path, tokenizer, monkeypatch):
     other = tmp_path / "other"
     make_tiny_model(tokenizer, seed=7).save_pretrained(other)

@@ -169,3 +169,82 @@ def test_the_pilot_plays_each_note_style_and_judges_the_claim_on_paired_interval
     with pytest.raises(SystemExit, match="unknown note style"):
         E.main(["--pilot", "--notes", "hints", "--n", "1", "--personas", "2", "--out", str(tmp_path / "ev2"),
                 f"model.name_or_path={tiny_dir}", "simulator.appraiser=lexical"])
+
+
+# ----------------------------------------------------------------------------- issue 32: adapters, partial results
+
+def noisy_adapter(tiny_dir, path, r=2):
+    """A LoRA adapter of the tiny model with random B matrices (so it changes the policy), saved at `path`."""
+    import lm
+    import torch
+    _, model = lm.load_model({"name_or_path": tiny_dir, "device": "cpu", "dtype": "float32", "quantization": "none"})
+    model = lm.add_lora(model, {"r": r, "alpha": 4, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]})
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    model.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def good_adapter(tiny_dir, tmp_path_factory):
+    return noisy_adapter(tiny_dir, tmp_path_factory.mktemp("adapter") / "good")
+
+
+TINY_EVAL = ["--n", "1", "--personas", "2", "rollout.max_new_tokens=3", "simulator.max_turns=1",
+             "simulator.appraiser=lexical", "aopsd.placement=system"]
+
+
+@pytest.mark.parametrize("damage, words", [
+    (lambda a: (a / "adapter_config.json").write_text((a / "adapter_config.json").read_text().replace('"r": 2', '"r": 8')),
+     "its LoRA weights have shape [2, 32] where this model needs [8, 32] (another base model or lora.r)"),
+    (lambda a: (a / "adapter_config.json").write_text("{not json"), "adapter_config.json cannot be read"),
+    (lambda a: (a / "adapter_model.safetensors").write_bytes(b""), "its weights cannot be read (SafetensorError"),
+])
+def test_a_bad_adapter_stops_before_anything_is_played_and_nothing_is_written(tiny_dir, good_adapter, tmp_path,
+                                                                              monkeypatch, damage, words, one_thread):
+    """Another rank, bad JSON, empty weights: one sentence naming the adapter, before the base policy is played
+    (it used to crash inside PEFT with 420 'size mismatch' lines after playing the base, writing nothing)."""
+    import shutil
+    good, bad = good_adapter, tmp_path / "bad"
+    shutil.copytree(good, bad)
+    damage(bad)
+    monkeypatch.setattr(E, "play", lambda *a, **k: pytest.fail("a policy was played"))
+    out = tmp_path / "ev"
+    with pytest.raises(SystemExit) as leave:
+        E.main([*TINY_EVAL, "--out", str(out), f"model.name_or_path={tiny_dir}", "--adapter", good, "--adapter", str(bad)])
+    message = str(leave.value)
+    assert message.startswith(f"eval: --adapter {bad}") and words in message and "\n" not in message
+    assert not out.exists()
+
+
+def test_each_policys_results_are_written_as_soon_as_it_is_played(tiny_dir, tmp_path, monkeypatch, one_thread):
+    """A crash while playing the second policy (an out-of-memory, a kill) leaves the first one's results."""
+    real_play, played = E.play, []
+
+    def play_then_crash(*args, **kwargs):
+        if played:
+            raise RuntimeError("CUDA out of memory")
+        played.append(1)
+        return real_play(*args, **kwargs)
+    monkeypatch.setattr(E, "play", play_then_crash)
+    out = tmp_path / "ev"
+    with pytest.raises(RuntimeError):
+        E.main([*TINY_EVAL, "--pilot", "--out", str(out), f"model.name_or_path={tiny_dir}"])
+    assert list(json.load(open(out / "metrics.json"))) == ["base"]
+    assert "| base | 2 |" in (out / "report.md").read_text() and (out / "samples_base.jsonl").exists()
+
+
+def test_adapters_checked_first_leave_the_base_policy_as_it_was(tiny_dir, good_adapter, tmp_path, one_thread):
+    """Every adapter is loaded and taken off again before anything is played: the base policy's calls are the
+    same as without --adapter, and the adapter's own calls differ from them."""
+    good = good_adapter
+    args = [*TINY_EVAL, "rollout.max_new_tokens=8", f"model.name_or_path={tiny_dir}"]
+    E.main([*args, "--out", str(tmp_path / "plain")])
+    E.main([*args, "--out", str(tmp_path / "with"), "--adapter", good, "--adapter", good])
+    read = lambda f: [json.loads(line)["messages"] for line in open(f)]
+    assert read(tmp_path / "with" / "samples_base.jsonl") == read(tmp_path / "plain" / "samples_base.jsonl")
+    assert read(tmp_path / "with" / "samples_adapter0.jsonl") == read(tmp_path / "with" / "samples_adapter1.jsonl")
+    assert read(tmp_path / "with" / "samples_adapter0.jsonl") != read(tmp_path / "plain" / "samples_base.jsonl")

@@ -53,11 +53,56 @@ def test_read_logs_names_file_and_line_skips_or_refuses(tmp_path):
     sessions, problems = D.read_logs(str(path), "skip", log=seen.append)
     assert [s["session_id"] for s in sessions] == ["s1"]
     assert [p.split(": ")[0] for p in problems] == [f"{path}:2", f"{path}:3", f"{path}:5"]
-    assert "messages" in problems[1] and "role" in problems[2] and len(seen) == 3
+    assert "messages" in problems[1] and "role" in problems[2]
+    assert len(seen) == 1 and seen[0].startswith(f"skipped 3 malformed lines of {path}: 2: not valid JSON")
     with pytest.raises(D.LogError, match=f"{path}:2: not valid JSON"):
         D.read_logs(str(path), "refuse")
     with pytest.raises(D.LogError, match="does not exist"):
         D.read_logs(str(tmp_path / "missing.jsonl"))
+
+
+def test_a_byte_that_is_not_utf8_spoils_its_line_only(tmp_path):
+    """A Latin-1 'é' in one log line: that line is skipped as FILE:LINE under on_bad_line: skip (the whole
+    command used to stop with a UnicodeDecodeError), and named under refuse."""
+    path = tmp_path / "logs.jsonl"
+    path.write_bytes(json.dumps(SESSION).encode() + b"\n" + json.dumps({**SESSION, "session_id": "s2"}).encode()
+                     .replace(b"Hello?", b"Caf\xe9?") + b"\n")
+    seen = []
+    sessions, problems = D.read_logs(str(path), "skip", log=seen.append)
+    column = path.read_bytes().split(b"\n")[1].index(b"\xe9") + 1
+    assert [s["session_id"] for s in sessions] == ["s1"]
+    assert problems == [f"{path}:2: not UTF-8 text (byte 0xe9 at column {column})"]
+    with pytest.raises(D.LogError, match=f"{path}:2: not UTF-8 text"):
+        D.read_logs(str(path), "refuse")
+
+
+@pytest.mark.parametrize("content, words", [
+    ("", "no usable session (0 malformed lines skipped)"),
+    ("{not json\n[]\n", "no usable session (2 malformed lines skipped)"),
+])
+def test_prepare_on_logs_without_a_session_says_so(tmp_path, content, words, capsys):
+    """It used to advise the llm extractor ('no assistant message carries probes labels') for an empty file."""
+    path = tmp_path / "logs.jsonl"
+    path.write_text(content)
+    with pytest.raises(SystemExit) as leave:
+        L.main(["prepare", f"learn_to_ask.logs={path}", f"learn_to_ask.out_dir={tmp_path / 'out'}"])
+    assert str(leave.value).startswith(f"{path}: {words}") and "extractor" not in str(leave.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_files_the_commands_read_back_are_named_when_damaged(tmp_path):
+    cfg = learn_to_ask.load_config(None, [f"learn_to_ask.out_dir={tmp_path}"])
+    (tmp_path / "samples.jsonl").write_text(json.dumps({"sample_id": "a#0", "session_id": "a", "context": SESSION["messages"][:2],
+                                                        "decision_truth": "stop", "info_ids": [], "split": "train"})
+                                            + "\n" + '{"sample_id": "a#1"}\n')
+    with pytest.raises(D.LogError, match=r"samples.jsonl:2: 'session_id' is missing .*learn_to_ask prepare"):
+        D.load_samples(cfg, "train")
+    (tmp_path / "eval.json").write_text('{"base": {"reward": 0.')
+    with pytest.raises(D.LogError, match=r"eval.json cannot be read .*move it aside"):
+        L._report(cfg, "eval", "base", {"reward": 1.0}, ["reward"])
+    stop_only = [{"sample_id": f"a#{k}", "decision_truth": "stop"} for k in range(3)]
+    with pytest.raises(D.LogError, match="no continue sample, and learn_to_ask.stop_fraction=0.4 asks for 3"):
+        L.step_batches(stop_only, 5, 0.4, 0)
 
 
 def test_llm_extractor_output_is_parsed_robustly():

@@ -92,7 +92,8 @@ def test_resume_reproduces_a_straight_run(tiny_dir, tmp_path):
 def test_a_damaged_checkpoint_is_named_and_the_run_resumes_from_the_one_before(tiny_dir, tmp_path):
     """The newest trainer.pt cut to 1,000 bytes (a disk that filled up): --resume names the file in one
     sentence, sets the folder aside and continues from the complete checkpoint before it, reproducing
-    the lost step exactly; with no complete checkpoint left it refuses in one sentence."""
+    the lost step exactly; with no complete checkpoint left it starts again from step 0 and says so (it
+    used to refuse and advise a plain start, which refuses a folder that holds a run: circular)."""
     run = tmp_path / "run"
     first = savpo.Trainer(tiny_cfg(tiny_dir, run), log=lambda *a: None)      # 2 steps, a checkpoint after each
     first.train()
@@ -110,14 +111,18 @@ def test_a_damaged_checkpoint_is_named_and_the_run_resumes_from_the_one_before(t
     again = lora_state(resumed.model)
     for n in straight:
         torch.testing.assert_close(again[n], straight[n], atol=1e-6, rtol=1e-5)
-    for step in ("step_000001", "step_000002"):          # nothing complete left: refuse, do not start over
+    for step in ("step_000001", "step_000002"):          # nothing complete left: step 0, which the seed gives
         pt = ckpts / step / "trainer.pt"
         pt.write_bytes(pt.read_bytes()[:1000])
-    with pytest.raises(SystemExit) as leave:
-        savpo.main(["--resume", f"out_dir={run}"])
-    message = str(leave.value)
-    assert "is damaged and no complete checkpoint precedes it" in message and "step_000001" in message
-    assert "\n" not in message and "without --resume" in message
+    said = []
+    again = savpo.Trainer(tiny_cfg(tiny_dir, run), resume=True, log=said.append)
+    assert again.step == 0 and (ckpts / "step_000001.damaged").is_dir() and not (ckpts / "step_000001").exists()
+    assert "resumes from step_000001" in said[0] and "resumes from step 0" in said[1]
+    assert said[2] == f"{ckpts}: no complete checkpoint; the run starts again from step 0."
+    assert all("\n" not in s for s in said) and (run / "metrics.jsonl").read_text() == ""
+    fresh = savpo.Trainer(tiny_cfg(tiny_dir, tmp_path / "fresh"), log=lambda *a: None)
+    for n, p in lora_state(again.model).items():         # the same start as a run never begun
+        assert torch.equal(p, lora_state(fresh.model)[n])
 
 
 def test_one_base_model_serves_every_role(tiny_dir, tmp_path):

@@ -187,3 +187,16 @@ def test_two_processes_train_in_step(tiny_dir, tmp_path):
     from safetensors.torch import load_file
     adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
     assert any(float(w.abs().max()) > 0 for n, w in adapter.items() if "lora_B" in n)   # LoRA B starts at 0
+
+
+def test_resume_of_a_folder_without_a_run_is_one_sentence_before_the_trainer_is_built(tmp_path, monkeypatch):
+    """Issue 32: with no TRL checkpoint, --resume used to build the whole trainer and then say 'start without
+    --resume', which the plain start refuses once metrics.jsonl exists. A folder that holds no run is refused at
+    once; one with logs but no checkpoint starts again from step 0 (as savpo.py does)."""
+    monkeypatch.setattr(trl_savpo, "build_trainer", lambda cfg: pytest.fail("the trainer was built"))
+    with pytest.raises(SystemExit, match="nothing to resume in .* start without --resume"):
+        trl_savpo.main(["--resume", f"out_dir={tmp_path / 'typo'}"])
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"st')
+    (tmp_path / "config.yaml").write_text("train: {lr: -1}\n")      # its saved config, damaged: one sentence
+    with pytest.raises(SystemExit, match=r"config error: config key 'train.lr' \(set in .*config.yaml\) is -1"):
+        trl_savpo.main(["--resume", f"out_dir={tmp_path}"])

@@ -205,3 +205,98 @@ def test_a_wrong_path_is_one_sentence(tmp_path):
         view.main([str(tmp_path)])
     with pytest.raises(SystemExit, match="no such file"):
         view.main([str(tmp_path / "nope.jsonl")])
+
+
+# ----------------------------------------------------------------------------- issue 32: what a user can feed it
+
+def eval_folder(folder, records, name="base"):
+    folder.mkdir(parents=True)
+    (folder / f"samples_{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def calls():
+    """Three scripted calls as eval writes them."""
+    return scripted_run(SA.privileged_prober, P.sample_many(P.list_domains(), 3, 9), config.load()["simulator"])
+
+
+def test_two_folders_whose_policies_share_a_name_stay_two_policies(tmp_path, calls):
+    """Two eval folders, each with samples_base.jsonl, used to merge into one 'base' and pair the wrong calls."""
+    a, b = eval_folder(tmp_path / "a", calls), eval_folder(tmp_path / "b", calls)
+    text = open(view.main([str(a), str(b), "--out", str(tmp_path / "ab.html")])).read()
+    cards = Calls(text).calls
+    assert [c["data"]["policy"] for c in cards] == [f"base ({a})"] * 3 + [f"base ({b})"] * 3
+    assert [c["data"]["pair"] for c in cards[:3]] == [c["data"]["pair"] for c in cards[3:]]   # 1 to 1, not #0/#1
+
+
+def test_a_file_from_before_the_state_fields_shows_unknown_not_zero(tmp_path, calls):
+    old = [{**r, "states": [{k: v for k, v in s.items() if k not in ("willingness", "delta_willingness")}
+                            for s in r["states"]]} for r in calls]
+    text = open(view.main([str(eval_folder(tmp_path / "old", [{k: v for k, v in r.items() if k != "willingness"}
+                                                                for r in old]))])).read()
+    assert text.count("turns, willingness unknown") == 3 and "willingness +0" not in text
+    assert all(c["data"]["gain"] == "" for c in Calls(text).calls)
+
+
+def test_a_crash_while_building_keeps_the_old_page_and_an_html_input_is_never_overwritten(tmp_path, calls,
+                                                                                         monkeypatch):
+    folder = eval_folder(tmp_path / "ev", calls)
+    (folder / "view.html").write_text("the old page")
+    monkeypatch.setattr(view, "page", lambda *a: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        view.main([str(folder)])
+    assert (folder / "view.html").read_text() == "the old page"     # it used to be emptied
+    monkeypatch.undo()
+    named = tmp_path / "calls.html"                                  # samples saved under an .html name
+    named.write_text((folder / "samples_base.jsonl").read_text())
+    out = view.main([str(named)])
+    assert out == str(tmp_path / "calls.view.html") and named.read_text() == (folder / "samples_base.jsonl").read_text()
+    with pytest.raises(SystemExit, match="is one of the inputs; name another file"):
+        view.main([str(named), "--out", str(named)])
+
+
+def test_skipped_lines_are_counted_once_and_shown_on_the_page(tmp_path, calls, capsys):
+    folder = eval_folder(tmp_path / "ev", calls)
+    with open(folder / "samples_base.jsonl", "ab") as f:
+        f.write(b"\x00\xff binary\n" * 500 + b"[1, 2]\n{cut")
+    text = open(view.main([str(folder)])).read()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"view: {folder / 'samples_base.jsonl'}: 502 lines skipped, not JSON objects (the first: line 4)"]
+    assert "502 lines skipped, not JSON objects (the first: line 4)." in text and len(Calls(text).calls) == 3
+
+
+def test_a_huge_page_is_said_with_its_remedy_and_the_page_fits_a_phone(tmp_path, calls, capsys, monkeypatch):
+    folder = eval_folder(tmp_path / "ev", calls)
+    monkeypatch.setattr(view, "BIG_PAGE", 1000)
+    text = open(view.main([str(folder)])).read()
+    assert "may take a minute to open; --max-calls N keeps the last N calls" in capsys.readouterr().err
+    assert '<meta name="viewport" content="width=device-width, initial-scale=1">' in text and "@media (max-width" in text
+    text = open(view.main([str(folder), "--max-calls", "1", "--out", str(tmp_path / "one.html")])).read()
+    assert len(Calls(text).calls) == 1 and "the last 1 calls of each source are shown" in text
+
+
+# the fuzz: any JSON in a samples file -> a page (what cannot be read shows as unknown), never a traceback
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+JSON = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(-5, 5), st.floats(allow_nan=False),
+                              st.text(max_size=6)),
+                    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=6), inner,
+                                                                                           max_size=3)), max_leaves=8)
+FIELDS = ["persona_id", "domain", "stratum", "step", "public", "willingness", "decision", "verdict", "messages",
+          "states", "final_state", "concerns", "hidden_concerns", "turn_advantages", "turn_divergence"]
+
+
+@settings(max_examples=100, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.one_of(st.dictionaries(st.sampled_from(FIELDS), JSON, max_size=6),
+                          st.builds(lambda m, s: {"messages": m, "states": s},
+                                    st.lists(st.dictionaries(st.sampled_from(["role", "content"]),
+                                                             st.one_of(st.sampled_from(["assistant", "user", "system"]), JSON))),
+                                    st.lists(st.dictionaries(st.sampled_from(["concern_status", "events", "willingness",
+                                                                              "delta_willingness", "patience", "decision"]),
+                                                             JSON)))), min_size=1, max_size=3))
+def test_fuzz_wrong_typed_fields_make_a_page_not_a_traceback(tmp_path, records):
+    path = tmp_path / "samples_fuzz.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    text = view.page(view.read_calls([str(path)]), "fuzz")
+    assert text.count('<details class="call"') == len(records)
