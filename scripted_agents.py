@@ -38,7 +38,17 @@ INDEPENDENT_LINES_DEV = os.path.join(DATA, "natural_agents_independent_dev.yaml"
 
 
 def load_natural_lines(path=None):
-    return yaml.safe_load(open(path or NATURAL_LINES))
+    """A natural-lines YAML (data/natural_agents*.yaml): {domain: {open_probes, pushes, concerns: ...}}."""
+    path = path or NATURAL_LINES
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = yaml.safe_load(f)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise P.DomainError(f"{path}: cannot read the natural lines ({str(e).splitlines()[0]}); pass a YAML file "
+                            f"like data/natural_agents.yaml.") from None
+    if not isinstance(lines, dict):
+        raise P.DomainError(f"{path}: must map each domain to its lines, like data/natural_agents.yaml.")
+    return lines
 
 
 def _answers(bank, ids):

@@ -21,6 +21,7 @@ import time
 import config
 import lm
 import personas as P
+import runfiles
 import simulator as S
 from scripted_agents import (INDEPENDENT_LINES, NATURAL_LINES, SCRIPTED_AGENTS, load_natural_lines,
                              play_scripted)
@@ -68,14 +69,15 @@ def print_validity(table):
 # --------------------------------------------------------------------------- the appraisers on labelled lines
 
 def read_labels(path):
-    rows = []
-    for lineno, line in enumerate(open(path), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg}).") from None
-    return rows
+    """Labelled lines of a JSONL file; a line that is not UTF-8 JSON stops with FILE:LINE and the reason."""
+    try:
+        lines = runfiles.jsonl_lines(path)
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read the labels ({e.strerror}); pass an existing --labels file.") from None
+    for line in lines:
+        if line.problem:
+            raise ValueError(f"{path}:{line.number}: {line.problem}; fix or remove that line.")
+    return [line.value for line in lines]
 
 
 LABELS = ("probe", "addresses", "false_claim", "open_probe", "push", "off_topic")
@@ -155,11 +157,18 @@ def main(argv=None):
     if args.what == "matrix":
         print(f"success rate of scripted agents, {args.personas} personas per domain (seed {args.seed}), "
               f"appraiser {cfg['simulator']['appraiser']}, max_turns {cfg['simulator']['max_turns']}")
-        print_validity(validity_matrix(cfg["simulator"], args.personas, args.seed, natural_lines=args.natural_lines,
-                                       independent_lines=args.independent_lines,
-                                       agents=args.agents.split(",") if args.agents else None))
+        try:
+            table = validity_matrix(cfg["simulator"], args.personas, args.seed, natural_lines=args.natural_lines,
+                                    independent_lines=args.independent_lines,
+                                    agents=args.agents.split(",") if args.agents else None)
+        except P.DomainError as e:
+            raise SystemExit(str(e))
+        print_validity(table)
         return
-    items = read_labels(args.labels)
+    try:
+        items = read_labels(args.labels)
+    except ValueError as e:
+        raise SystemExit(str(e))
     model = tokenizer = None
     results = {}
     for kind in args.appraisers.split(","):

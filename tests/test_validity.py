@@ -107,3 +107,15 @@ def test_lies_without_numbers_and_soft_closes_on_the_independent_held_out_lines(
     assert s["false_claim"]["precision"] >= 0.9 and s["false_claim"]["recall"] >= 0.65
     assert kinds["false_qualitative: false claims caught"][0] >= 0.6
     assert kinds["soft_close: read as a push"] == (0.0, 18)
+
+
+def test_a_bad_labels_or_lines_file_is_one_sentence(tmp_path):
+    """validity.py's inputs, like every reader of a user file (issue 32): FILE[:LINE] and the fix, no traceback."""
+    labels = tmp_path / "labels.jsonl"
+    labels.write_bytes(b'{"text": "Hi", "domain": "merchant_recruitment"}\n\xe9\n')
+    with pytest.raises(SystemExit, match=r"labels.jsonl:2: not UTF-8 text"):
+        V.main(["appraisers", "--labels", str(labels), "--appraisers", "lexical"])
+    lines = tmp_path / "lines.yaml"
+    lines.write_text("merchant_recruitment: [\n")
+    with pytest.raises(SystemExit, match=r"lines.yaml: cannot read the natural lines"):
+        V.main(["matrix", "--personas", "1", "--natural-lines", str(lines), "--agents", "natural listener"])
