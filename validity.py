@@ -77,7 +77,7 @@ def read_labels(path):
     for line in lines:
         if line.problem:
             raise ValueError(f"{path}:{line.number}: {line.problem}; fix or remove that line.")
-    return [line.value for line in lines]
+    return [line.record for line in lines]
 
 
 LABELS = ("probe", "addresses", "false_claim", "open_probe", "push", "off_topic")
