@@ -62,7 +62,7 @@ CHOICES = {
 # bounds; "[0, 1]" / "(0, 1]" / "[0, 1)" / "(0, 1)" intervals. Checked after every override.
 RANGES = {
     "lora.r": ">= 1", "lora.alpha": "> 0", "lora.dropout": "[0, 1)",
-    "personas.eval_n": ">= 1",
+    "personas.eval_n": ">= 1", "personas.eval_samples": ">= 1",
     "simulator.max_turns": ">= 1", "simulator.max_new_tokens": ">= 1", "simulator.temperature": ">= 0",
     "simulator.top_p": "(0, 1]", "simulator.generative_max_tokens": ">= 1",
     "simulator.rules.patience": ">= 1", "simulator.rules.reveal_gain": ">= 0", "simulator.rules.resolve_gain": ">= 0",

@@ -241,6 +241,22 @@ def adapter_off(model):
         yield model
 
 
+@contextlib.contextmanager
+def start_policy(model, name="start"):
+    """Within the block the policy is the one training started from: a second LoRA adapter of the same
+    shape, freshly initialised (its B matrices are zero, so it adds exactly nothing), is the active one.
+    Unlike `adapter_off` this nests: the simulator may still disable adapters inside it. On exit the
+    adapter that was active is active (and trainable) again and the zero one is gone."""
+    active = model.active_adapter
+    model.add_adapter(name, model.peft_config[active])
+    model.set_adapter(name)
+    try:
+        yield model
+    finally:
+        model.set_adapter(active)
+        model.delete_adapter(name)
+
+
 def count_base_parameters(model):
     """Parameters of the base network in memory (LoRA matrices excluded): one model, not two."""
     return sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)

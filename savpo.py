@@ -28,7 +28,6 @@ batch of rollouts by default.
 """
 
 import contextlib
-import json
 import os
 import random
 import signal
@@ -364,6 +363,29 @@ class Trainer:
         return evaluation.quick(self.model, self.tokenizer, self.cfg, self.eval_personas, seed=self.cfg["seed"],
                                 sim_model=self.sim_model, sim_tokenizer=self.sim_tokenizer)
 
+    def final_comparison(self):
+        """The run's verdict: the trained policy against the policy it started from (`lm.start_policy`: the
+        same weights with a zero adapter, so exactly the initial policy), on the held-out personas, each
+        played `personas.eval_samples` times with the same sampling seeds by both, so the calls pair up.
+        Per-persona rates, 95% bootstrap intervals over personas and the paired differences (eval.py) go
+        to OUT/final/ (metrics.json, report.md, samples_base.jsonl, samples_trained.jsonl: `python view.py
+        OUT/final` shows the pairs side by side). Returns {policy: results}."""
+        n, out = self.cfg["personas"]["eval_samples"], os.path.join(self.out, "final")
+        tables, results = {}, {}
+        for name in ("base", "trained"):
+            with lm.start_policy(self.model) if name == "base" else contextlib.nullcontext():
+                trajs, health = evaluation.play(self.model, self.tokenizer, self.cfg, self.eval_personas, n,
+                                                self.cfg["seed"], sim_model=self.sim_model,
+                                                sim_tokenizer=self.sim_tokenizer, progress=f"held-out {name}")
+            tables[name] = evaluation.per_persona(trajs)
+            results[name] = {**evaluation.breakdown(trajs), "simulator_health": health,
+                             "intervals": evaluation.intervals(tables[name])}
+            evaluation.write_samples(trajs, os.path.join(out, f"samples_{name}.jsonl"))
+        results["trained"]["difference_vs_base"] = evaluation.paired_difference(tables["base"], tables["trained"])
+        evaluation.write_report(results, out, f"{self.cfg['algo']} after {self.step} steps against the policy it "
+                                f"started from: {len(self.eval_personas)} held-out personas x {n} calls", plots=False)
+        return results
+
     def checkpoint_dir(self):
         return os.path.join(self.out, "checkpoints")
 
@@ -418,7 +440,7 @@ class Trainer:
         if not t["save_every"] or self.step % t["save_every"]:
             self.save_checkpoint()
         evaluation.plot_curves(self.out)
-        return self.evaluate()
+        return self.final_comparison()
 
     def _one_step(self, metrics_path, samples_path, bar):
         """One SAVPO step: rollouts -> advantages -> update, then the logs (and a periodic evaluation) and a
@@ -496,6 +518,25 @@ class _DeferredInterrupt:
             signal.signal(signal.SIGINT, self.previous)
 
 
+COMPARED = (("success", "success"), ("resolve", "concerns resolved"), ("reveal", "concerns revealed"),
+            ("misinformation", "misinformation (false-claim turns)"))
+
+
+def comparison_table(results, n_personas, n):
+    """The final comparison as a small markdown table: each policy's mean and 95% interval, and the paired
+    difference, trained - base, with its verdict (an interval holding 0 is no measurable difference)."""
+    lines = [f"held-out: {n_personas} personas x {n} calls, the same personas and sampling seeds for both policies; "
+             f"means with 95% bootstrap intervals over personas",
+             "", "| metric | base (start) | trained | trained - base |", "|---|---|---|---|"]
+    diff = results["trained"]["difference_vs_base"]
+    for key, label in COMPARED:
+        d = diff[key]
+        verdict = "no measurable difference" if d[1] <= 0 <= d[2] else ("up" if d[1] > 0 else "down")
+        lines.append(f"| {label} | {evaluation.fmt(results['base']['intervals'][key])} | "
+                     f"{evaluation.fmt(results['trained']['intervals'][key])} | {evaluation.fmt(d)} {verdict} |")
+    return "\n".join(lines)
+
+
 def peak_memory_gb():
     if torch.cuda.is_available():
         return round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
@@ -534,8 +575,9 @@ def main(argv=None):
         result = trainer.train()
     except errors as e:     # a user's mistake, also one found mid-run: one sentence; the checkpoints stand
         raise SystemExit(f"config error: {e}" if isinstance(e, config.ConfigError) else str(e))
-    print(f"final evaluation on held-out personas: {json.dumps(result)}")
-    print(f"outputs: {cfg['out_dir']}/metrics.jsonl, samples.jsonl, curves.png, config.yaml, checkpoints/")
+    print(comparison_table(result, len(trainer.eval_personas), cfg["personas"]["eval_samples"]))
+    print(f"outputs: {cfg['out_dir']}/metrics.jsonl, samples.jsonl, curves.png, config.yaml, checkpoints/, final/")
+    print(f"see the calls side by side: python view.py {cfg['out_dir']}/final")
 
 
 if __name__ == "__main__":

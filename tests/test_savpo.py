@@ -217,3 +217,51 @@ def test_samples_carry_the_turn_advantages_and_divergences_the_update_used(tiny_
     out, err = capsys.readouterr()
     assert "step 1 rollouts" in err and "step 1 update" in err and "turn" in err
     assert "\r" not in out and "it/s" not in out and "step   1 | loss" in out
+
+
+def test_the_start_policy_is_exactly_the_initial_policy_and_nests_under_the_simulators_adapter_off(tokenizer):
+    """lm.start_policy: inside, the logits are the adapter-free ones even though the trained adapter is
+    non-zero, and an `adapter_off` inside it (the simulator's role) does not bring the trained adapter
+    back; after it, the trained adapter is active and trainable again and the zero one is gone."""
+    torch.manual_seed(0)
+    model = lm.add_lora(make_tiny_model(tokenizer), {"r": 4, "alpha": 8, "dropout": 0.0,
+                                                    "target_modules": ["q_proj", "v_proj"]})
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)          # a trained adapter
+    ids = torch.tensor([[1, 5, 9, 14, 3]])
+    trained = model(input_ids=ids).logits
+    with lm.adapter_off(model):
+        initial = model(input_ids=ids).logits
+    assert not torch.allclose(trained, initial)
+    with lm.start_policy(model):
+        assert torch.equal(model(input_ids=ids).logits, initial)
+        with lm.adapter_off(model):
+            pass
+        assert torch.equal(model(input_ids=ids).logits, initial)
+    assert torch.equal(model(input_ids=ids).logits, trained)
+    assert list(model.peft_config) == ["default"]
+    assert all(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)
+
+
+def test_the_final_comparison_pairs_the_trained_policy_with_its_start(tiny_dir, tmp_path, one_thread):
+    """The run ends with the held-out comparison: both policies play the same personas with the same seeds.
+    With both loss terms off the adapter stays zero, so the trained policy's calls are the start's, token
+    for token, and every paired difference is exactly 0; with training on, the start's calls are still
+    those of a fresh model (the trained adapter does not leak into the base row)."""
+    still = tiny_cfg(tiny_dir, tmp_path / "still", "stpr.coef=0", "aopsd.coef=0", "personas.eval_samples=2")
+    result = savpo.Trainer(still, log=lambda *a: None).train()
+    final = tmp_path / "still" / "final"
+    base = [json.loads(line) for line in open(final / "samples_base.jsonl")]
+    trained = [json.loads(line) for line in open(final / "samples_trained.jsonl")]
+    assert len(base) == len(trained) == 2 * 2
+    assert [d["messages"] for d in base] == [d["messages"] for d in trained]
+    assert all(v == [0.0, 0.0, 0.0] for v in result["trained"]["difference_vs_base"].values())
+    assert "trained - base" in savpo.comparison_table(result, 2, 2)
+    moved = tiny_cfg(tiny_dir, tmp_path / "moved", "personas.eval_samples=2", "train.lr=5e-2")
+    savpo.Trainer(moved, log=lambda *a: None).train()
+    moved_base = [json.loads(line) for line in open(tmp_path / "moved" / "final" / "samples_base.jsonl")]
+    moved_trained = [json.loads(line) for line in open(tmp_path / "moved" / "final" / "samples_trained.jsonl")]
+    assert [d["messages"] for d in moved_base] == [d["messages"] for d in base]
+    assert [d["messages"] for d in moved_trained] != [d["messages"] for d in base]
