@@ -147,7 +147,7 @@ def main(argv=None):
     overrides = list(args.overrides)
     try:
         cfg = config.load(args.config, overrides)
-        if cfg["model"]["warm_start"] == "auto":     # every preset starts from the same warm start
+        if cfg["model"]["warm_start"]:     # every preset starts from the same warm start, checked once
             overrides.append(f"model.warm_start={warmstart.resolve(cfg)['model']['warm_start']}")
         return compare(args.config, overrides, seeds, args.personas, args.n, args.out)
     except (config.ConfigError, lm.ModelError, P.DomainError, checkpoint.CheckpointError, ValueError) as e:

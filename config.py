@@ -36,7 +36,7 @@ DEFAULT_PATH = os.path.join(HERE, "config.yaml")
 DOMAIN_DIR = os.path.join(HERE, "data", "domains")     # personas.DOMAIN_DIR (config does not import personas)
 DOMAIN_KEYS = ("personas.domains", "learn_to_ask.domains")
 # text keys whose default is not empty but which may be set empty
-MAY_BE_EMPTY = {"learn_to_ask.response_prefix"}
+MAY_BE_EMPTY = {"learn_to_ask.response_prefix", "model.warm_start"}   # "" means none (the base as published)
 
 # Keys whose value must be one of a fixed set (anything not listed is only type-checked).
 CHOICES = {
@@ -328,6 +328,32 @@ def load(path=None, overrides=(), section=None):
     _check_ranges(cfg, ranges, where)
     _check_domains(cfg, where)
     return cfg
+
+
+# what a warm start (warmstart.py) depends on: a run with other values needs its own
+WARM_START_MUST_MATCH = ("model.name_or_path", "aopsd.note", "aopsd.placement", "warmstart.views", "warmstart.calls",
+                         "warmstart.seed", "warmstart.epochs", "lora.r", "lora.target_modules")
+
+
+def check_warm_start(cfg):
+    """cfg with model.warm_start found and checked: a folder as given, or inside the project (the shipped
+    data/warmstart/adapter works from any directory); an adapter with the config it was made with beside it
+    (FOLDER/../config.yaml) must have been made for this run's WARM_START_MUST_MATCH keys, else one sentence."""
+    path = cfg["model"]["warm_start"]
+    if not path or path == "auto":
+        return cfg
+    if not os.path.exists(path) and os.path.exists(os.path.join(HERE, path)):
+        path = os.path.join(HERE, path)
+    made_with = os.path.join(os.path.dirname(os.path.normpath(path)), "config.yaml")
+    if os.path.exists(made_with):   # one made for another model or note would start this run from the wrong place
+        made = load(made_with)
+        for key in WARM_START_MUST_MATCH:
+            if get(made, key) != get(cfg, key):
+                raise ConfigError(f"model.warm_start={cfg['model']['warm_start']}: the adapter in {path} was made with "
+                                  f"{key}={get(made, key)}, this run has {get(cfg, key)}; start without it "
+                                  f"(model.warm_start=), or build one for this run: model.warm_start=auto with a "
+                                  f"warmstart.out_dir of its own.")
+    return {**cfg, "model": {**cfg["model"], "warm_start": path}}
 
 
 def get(cfg, dotted):

@@ -449,6 +449,7 @@ def main(argv=None):
     try:
         cfg = config.load(args.config, args.overrides + ([f"simulator.appraiser={args.appraiser}"]
                                                           if args.appraiser else []))
+        cfg = config.check_warm_start(cfg)
         notes = (notes or [cfg["aopsd"]["note"]]) if args.pilot else []
         personas = eval_personas(cfg, args.personas)
         for path in args.adapter:

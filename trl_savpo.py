@@ -306,6 +306,7 @@ def main(argv=None):
         elif os.path.exists(metrics):
             raise SystemExit(f"{cfg['out_dir']} already holds a run; continue it with --resume or choose another "
                              f"out_dir=...")
+        cfg = config.check_warm_start(cfg)
         out = cfg["out_dir"]
         steps_saved = [int(d.split("-")[1]) for d in (os.listdir(out) if os.path.isdir(out) else [])
                        if re.fullmatch(r"checkpoint-\d+", d)]

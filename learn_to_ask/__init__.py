@@ -36,5 +36,10 @@ SECTION = config.Section(os.path.join(os.path.dirname(os.path.abspath(__file__))
 
 
 def load_config(path=None, overrides=()):
-    """The project's config.yaml plus Learn-to-Ask's own keys, then the user's file and overrides."""
-    return config.load(path, overrides, section=SECTION)
+    """The project's config.yaml plus Learn-to-Ask's own keys, then the user's file and overrides. The shipped
+    warm start (config.yaml's model.warm_start) is SAVPO's, learnt on the simulator's expert calls: Learn-to-Ask
+    starts from the model as published unless an override names one."""
+    cfg = config.load(path, overrides, section=SECTION)
+    if not any(str(o).startswith("model.warm_start=") for o in overrides):
+        cfg["model"]["warm_start"] = ""
+    return cfg

@@ -56,7 +56,7 @@ python -c "import torch; print(torch.__version__, torch.cuda.get_device_name() i
 step bench_a $LIMIT python bench.py --arch $ARCH_A $SIZE --methods $METHODS_A
 step bench_b $LIMIT python bench.py --arch $ARCH_B --quantization $QUANT $SIZE --methods kv,kv_compiled
 step write_model 120 python bench.py --arch $ARCH_B --write-model "$OUT/model"
-step savpo $((LIMIT + 40)) python savpo.py model.name_or_path="$OUT/model" model.quantization=$QUANT stpr.mode=direction \
+step savpo $((LIMIT + 40)) python savpo.py model.name_or_path="$OUT/model" model.warm_start= model.quantization=$QUANT stpr.mode=direction \
   simulator.utterance=llm simulator.appraiser=lexical train.gradient_checkpointing=true $TRAIN \
   rollout.temperature=1.0 train.lr=1e-5 train.steps=$STEPS train.save_every=0 out_dir="$OUT/savpo"
 

@@ -11,7 +11,7 @@ def test_compare_trains_every_preset_and_reports_intervals(tmp_path, tokenizer):
     tiny = tmp_path / "tiny"
     make_tiny_model(tokenizer).save_pretrained(tiny)
     tokenizer.save_pretrained(tiny)
-    overrides = [f"model.name_or_path={tiny}", "train.steps=1", "train.personas_per_step=2", "train.group_size=2",
+    overrides = [f"model.name_or_path={tiny}", "model.warm_start=", "train.steps=1", "train.personas_per_step=2", "train.group_size=2",
                  "rollout.max_new_tokens=4", "simulator.max_turns=1", "personas.eval_n=2", "aopsd.placement=system"]
     out = tmp_path / "cmp"
     result = C.compare(None, overrides, [0, 1], 3, 2, str(out), algos=("grpo", "savpo"))

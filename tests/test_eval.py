@@ -145,7 +145,7 @@ def test_progress_goes_to_stderr_and_stdout_keeps_the_results(tmp_path, tokenize
     tiny = tmp_path / "tiny"
     make_tiny_model(tokenizer).save_pretrained(tiny)
     tokenizer.save_pretrained(tiny)
-    E.main(["--n", "1", "--personas", "2", "--out", str(tmp_path / "ev"), f"model.name_or_path={tiny}",
+    E.main(["--n", "1", "--personas", "2", "--out", str(tmp_path / "ev"), f"model.name_or_path={tiny}", "model.warm_start=",
             "rollout.max_new_tokens=4", "simulator.max_turns=2", "simulator.appraiser=lexical"])
     out, err = capsys.readouterr()
     # per policy, a bar over the calls' turn budget (2 personas x 1 sample x 2 turns); tqdm draws it at once
@@ -160,7 +160,7 @@ def test_the_pilot_plays_each_note_style_and_judges_the_claim_on_paired_interval
     """--pilot --notes concerns,guide: the base policy and the same policy given each note, on the same
     personas and seeds; the verdict line quotes the paired success and resolve intervals."""
     E.main(["--pilot", "--notes", "concerns,guide", "--n", "1", "--personas", "2", "--out", str(tmp_path / "ev"),
-            f"model.name_or_path={tiny_dir}", "rollout.max_new_tokens=3", "simulator.max_turns=1",
+            f"model.name_or_path={tiny_dir}", "model.warm_start=", "rollout.max_new_tokens=3", "simulator.max_turns=1",
             "simulator.appraiser=lexical", "aopsd.placement=system"])
     out = capsys.readouterr().out
     report = json.load(open(tmp_path / "ev" / "metrics.json"))
@@ -168,7 +168,7 @@ def test_the_pilot_plays_each_note_style_and_judges_the_claim_on_paired_interval
     assert out.count("pilot: the claim does not hold for base+privileged(") == 2 and "resolved " in out
     with pytest.raises(SystemExit, match="unknown note style"):
         E.main(["--pilot", "--notes", "hints", "--n", "1", "--personas", "2", "--out", str(tmp_path / "ev2"),
-                f"model.name_or_path={tiny_dir}", "simulator.appraiser=lexical"])
+                f"model.name_or_path={tiny_dir}", "model.warm_start=", "simulator.appraiser=lexical"])
 
 
 # ----------------------------------------------------------------------------- issue 32: adapters, partial results
@@ -193,7 +193,7 @@ def good_adapter(tiny_dir, tmp_path_factory):
     return noisy_adapter(tiny_dir, tmp_path_factory.mktemp("adapter") / "good")
 
 
-TINY_EVAL = ["--n", "1", "--personas", "2", "rollout.max_new_tokens=3", "simulator.max_turns=1",
+TINY_EVAL = ["--n", "1", "model.warm_start=", "--personas", "2", "rollout.max_new_tokens=3", "simulator.max_turns=1",
              "simulator.appraiser=lexical", "aopsd.placement=system"]
 
 
@@ -214,7 +214,7 @@ def test_a_bad_adapter_stops_before_anything_is_played_and_nothing_is_written(ti
     monkeypatch.setattr(E, "play", lambda *a, **k: pytest.fail("a policy was played"))
     out = tmp_path / "ev"
     with pytest.raises(SystemExit) as leave:
-        E.main([*TINY_EVAL, "--out", str(out), f"model.name_or_path={tiny_dir}", "--adapter", good, "--adapter", str(bad)])
+        E.main([*TINY_EVAL, "--out", str(out), f"model.name_or_path={tiny_dir}", "model.warm_start=", "--adapter", good, "--adapter", str(bad)])
     message = str(leave.value)
     assert message.startswith(f"eval: --adapter {bad}") and words in message and "\n" not in message
     assert not out.exists()

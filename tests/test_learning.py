@@ -73,7 +73,7 @@ def first_token_distribution(trainer, personas):
 
 
 def make_trainer(tiny_dir, out, algo):
-    cfg = config.load(None, [f"model.name_or_path={tiny_dir}", f"out_dir={out}", f"algo={algo}", "train.steps=6",
+    cfg = config.load(None, [f"model.name_or_path={tiny_dir}", "model.warm_start=", f"out_dir={out}", f"algo={algo}", "train.steps=6",
                              "train.personas_per_step=4", "train.group_size=8", "train.micro_batch=16",
                              "rollout.max_new_tokens=3", "rollout.temperature=0.5", "simulator.max_turns=1",
                              "simulator.appraiser=lexical", "simulator.utterance=template", "train.lr=3e-2",

@@ -178,7 +178,7 @@ def test_a_written_random_model_runs_the_main_job_and_logs_the_time_split(tmp_pa
     import bench
     folder = bench.write_model("tiny-qwen3", str(tmp_path / "tiny-qwen3"))
     out = tmp_path / "run"
-    savpo.main([f"model.name_or_path={folder}", f"out_dir={out}", "train.steps=1", "train.personas_per_step=1",
+    savpo.main([f"model.name_or_path={folder}", "model.warm_start=", f"out_dir={out}", "train.steps=1", "train.personas_per_step=1",
                 "train.group_size=2", "rollout.max_new_tokens=4", "simulator.max_turns=1", "personas.eval_n=1",
                 "simulator.appraiser=lexical"])
     record = json.loads(open(out / "metrics.jsonl").readline())

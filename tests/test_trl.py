@@ -170,7 +170,7 @@ def test_two_processes_train_in_step(tiny_dir, tmp_path):
     """`torchrun --nproc_per_node 2 trl_savpo.py ...`: two CPU processes over gloo, the real entry point.
     Both end with the same adapter (the run prints each process's sha256), and it has moved."""
     out = tmp_path / "ddp"
-    args = [f"model.name_or_path={tiny_dir}", f"out_dir={out}", "model.device=cpu", "train.steps=2",
+    args = [f"model.name_or_path={tiny_dir}", "model.warm_start=", f"out_dir={out}", "model.device=cpu", "train.steps=2",
             "train.save_every=0", "train.personas_per_step=2", "train.group_size=2", "train.micro_batch=1",
             "rollout.max_new_tokens=6", "simulator.max_turns=2", "simulator.appraiser=lexical",
             "simulator.utterance=template", "personas.eval_n=1", "aopsd.placement=system", "train.lr=1e-2"]

@@ -2,6 +2,7 @@
 text rendered exactly as a rollout feeds the policy, the stop at the callee's part, the concise expert,
 and a supervised stage that learns its data and folds into the weights."""
 
+import os
 import re
 
 import pytest
@@ -111,7 +112,7 @@ def test_the_expert_keeps_to_the_turn_budget_and_one_move_of_each_kind(tokenizer
 
 
 def test_the_warm_start_learns_its_calls_and_folds_into_the_weights(tiny_dir, tmp_path, tokenizer):
-    cfg = config.load(None, [f"model.name_or_path={tiny_dir}", f"warmstart.out_dir={tmp_path}", "warmstart.calls=3",
+    cfg = config.load(None, [f"model.name_or_path={tiny_dir}", "model.warm_start=", f"warmstart.out_dir={tmp_path}", "warmstart.calls=3",
                              "warmstart.epochs=2", "warmstart.lr=5e-3", "warmstart.micro_batch=3",
                              "simulator.appraiser=lexical", "aopsd.note=guide", "personas.eval_n=3"])
     path = W.train(cfg, log=lambda *a: None)
@@ -135,9 +136,9 @@ def test_auto_warm_start_trains_once_and_its_runs_are_evaluated_on_it(tiny_dir, 
     config, and eval.py plays that run's adapter on the same warm-started base (and says so)."""
     import eval as E
     import savpo
-    common = [f"model.name_or_path={tiny_dir}", f"warmstart.out_dir={tmp_path / 'ws'}", "warmstart.calls=2",
+    common = [f"model.name_or_path={tiny_dir}", "model.warm_start=", f"warmstart.out_dir={tmp_path / 'ws'}", "warmstart.calls=2",
               "warmstart.epochs=1", "simulator.appraiser=lexical", "personas.eval_n=2"]
-    cfg = config.load(None, ["model.warm_start=auto", *common])
+    cfg = config.load(None, [*common, "model.warm_start=auto"])
     resolved = W.resolve(cfg)
     path = resolved["model"]["warm_start"]
     assert path == str(tmp_path / "ws" / "adapter") and (tmp_path / "ws" / "adapter" / "adapter_config.json").exists()
@@ -149,21 +150,54 @@ def test_auto_warm_start_trains_once_and_its_runs_are_evaluated_on_it(tiny_dir, 
     savpo.Trainer(run, log=lambda *a: None).train()
     adapter = tmp_path / "run" / "checkpoints" / "step_000001" / "adapter"
     E.main(["--adapter", str(adapter), "--n", "1", "--personas", "2", "--no-base", "--out", str(tmp_path / "ev"),
-            f"model.name_or_path={tiny_dir}", "simulator.appraiser=lexical", "rollout.max_new_tokens=4",
+            f"model.name_or_path={tiny_dir}", "model.warm_start=", "simulator.appraiser=lexical", "rollout.max_new_tokens=4",
             "simulator.max_turns=1"])
     assert f"model.warm_start={path}" in capsys.readouterr().err
     assert config.load(str(tmp_path / "ev" / "config.yaml"))["model"]["warm_start"] == path
 
 
 def test_the_long_cpu_preset_warm_starts_with_the_guide_note_and_refuses_a_mismatched_adapter(tiny_dir, tmp_path):
-    """presets/cpu_long.yaml loads over config.yaml (a partial file), asks for an auto warm start with the
-    guide note; an adapter trained for another note is refused by name instead of silently reused."""
+    """presets/cpu_long.yaml loads over config.yaml (a partial file) and starts from the shipped warm start with
+    the guide note; an adapter trained for another note is refused by name instead of silently reused."""
     cfg = config.load("presets/cpu_long.yaml")
-    assert cfg["model"]["warm_start"] == "auto" and cfg["aopsd"]["note"] == "guide"
-    assert cfg["warmstart"]["out_dir"] != config.load()["warmstart"]["out_dir"]       # its own warm start
+    assert W.resolve(cfg)["model"]["warm_start"] == os.path.join(W.RELEASE, "adapter") and cfg["aopsd"]["note"] == "guide"
     assert cfg["train"]["steps"] > config.load()["train"]["steps"] and cfg["out_dir"] == "runs/cpu_long"
     common = [f"model.name_or_path={tiny_dir}", f"warmstart.out_dir={tmp_path / 'ws'}", "warmstart.calls=2",
               "warmstart.epochs=1", "simulator.appraiser=lexical", "model.warm_start=auto"]
     W.resolve(config.load("presets/cpu_long.yaml", [*common, "aopsd.note=concerns"]))
     with pytest.raises(config.ConfigError, match="aopsd.note=concerns"):
         W.resolve(config.load("presets/cpu_long.yaml", common))
+
+
+def test_the_shipped_warm_start_is_the_one_its_manifest_names_and_fits_the_default_config():
+    """data/warmstart/: the adapter config.yaml starts every run from. Its weights are the file MANIFEST.json
+    hashes (a rebuilt or edited file shows), at most 5 MB, and it was made for the default config's MUST_MATCH
+    keys (model, note, placement, expert-call set, LoRA shape): resolve() accepts it from any directory."""
+    import hashlib
+    import json
+    manifest = json.load(open(os.path.join(W.RELEASE, "MANIFEST.json")))
+    blob = open(os.path.join(W.RELEASE, manifest["weights"]), "rb").read()
+    assert hashlib.sha256(blob).hexdigest() == manifest["sha256"] and len(blob) == manifest["bytes"] <= 5_000_000
+    assert manifest["command"].startswith("python warmstart.py") and manifest["cross_entropy_by_epoch"]
+    cfg = config.load()
+    assert os.path.normpath(os.path.join(config.HERE, cfg["model"]["warm_start"])) == os.path.join(W.RELEASE, "adapter")
+    made = config.load(os.path.join(W.RELEASE, "config.yaml"))
+    assert all(config.get(made, key) == config.get(cfg, key) for key in W.MUST_MATCH)
+    assert W.resolve(cfg)["model"]["warm_start"]
+    with pytest.raises(config.ConfigError, match="aopsd.placement"):
+        W.resolve(config.load(None, ["aopsd.placement=system"]))
+
+
+def test_a_warm_start_folder_is_checked_against_the_run_and_found_from_another_directory(tmp_path, monkeypatch):
+    """model.warm_start=FOLDER with the config it was made with beside it: a run that differs in a MUST_MATCH
+    key is refused by name; a relative folder inside the project resolves from another directory."""
+    made = config.load(None, ["aopsd.note=concerns"])
+    (tmp_path / "ws" / "adapter").mkdir(parents=True)
+    config.save(made, str(tmp_path / "ws"))
+    folder = str(tmp_path / "ws" / "adapter")
+    W.resolve(config.load(None, [f"model.warm_start={folder}", "aopsd.note=concerns"]))
+    with pytest.raises(config.ConfigError, match="aopsd.note=concerns"):
+        W.resolve(config.load(None, [f"model.warm_start={folder}", "aopsd.note=guide"]))
+    monkeypatch.chdir(tmp_path)
+    shipped = W.resolve(config.load(None, ["model.warm_start=data/warmstart/adapter"]))["model"]["warm_start"]
+    assert shipped == os.path.join(W.RELEASE, "adapter")
