@@ -78,7 +78,8 @@ def tiny_cfg(tiny_dir, out, *extra):
                               "train.personas_per_step=2", "train.group_size=2", "train.micro_batch=2",
                               "rollout.max_new_tokens=6", "simulator.max_turns=2", "simulator.utterance=template",
                               "simulator.appraiser=lexical", "personas.eval_n=2", "train.save_every=1",
-                              "train.lr=1e-2", "aopsd.placement=system", "model.warm_start=", *extra])
+                              "train.lr=1e-2", "aopsd.placement=system", "model.warm_start=",
+                              "personas.curriculum_steps=0", "personas.eval_samples=1", *extra])
 
 
 @pytest.fixture
