@@ -472,7 +472,7 @@ def main(argv=None):
             lm.load_adapter(model, path).unload()          # any policy is played (and nothing is written)
         sim_model = sim_tok = None
         sim_name = args.simulator_model or cfg["simulator"]["model"]
-        if sim_name:
+        if S.own_model(sim_name):    # "" or an endpoint URL: none to load
             sim_tok, sim_model = lm.load_model({**cfg["model"], "name_or_path": sim_name, "warm_start": ""})
     except (config.ConfigError, lm.ModelError, P.DomainError, ValueError) as e:
         raise SystemExit(f"eval: {e}")
