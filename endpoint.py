@@ -179,10 +179,11 @@ def free_port():
 class LocalServer:
     """`transformers serve MODEL_DIR` on 127.0.0.1 in a subprocess, offline (HF_HUB_OFFLINE=1), on the CPU
     unless told otherwise; `with LocalServer(path) as url:` waits until it answers /health, yields the base URL
-    (http://127.0.0.1:PORT/v1) and stops it. A server that does not come up is a RuntimeError with the end of
+    (http://127.0.0.1:PORT/v1) and stops it. Starting takes ~5 s on a free CPU (minutes on a loaded one: hence
+    `startup_s`). A server that does not come up is a RuntimeError with the end of
     its log (the `serving` extra missing is the usual cause: see requirements.txt)."""
 
-    def __init__(self, model_dir, port=None, device="cpu", startup_s=90.0, log_path=None):
+    def __init__(self, model_dir, port=None, device="cpu", startup_s=300.0, log_path=None):
         self.model_dir, self.port, self.device, self.startup_s = model_dir, port or free_port(), device, startup_s
         self.log_path = log_path or os.path.join(os.environ.get("TMPDIR", "/tmp"), f"serve-{self.port}.log")
         self.process = None
