@@ -4,6 +4,8 @@
     python bench.py --sweep                           # + batch sizes x turn counts (kv vs batched generate)
     python bench.py --arch qwen2.5-1.5b --dialogues 64         # random-init model of a real size (GPU)
     python bench.py --arch qwen3-4b --write-model runs/qwen3-4b-random   # a folder for savpo.py's GPU path
+    python bench.py --env --dialogues 8 --turns 3     # calls/s: CallEnv / CallBatch (env.py) vs the native rollout
+    python bench.py --health --dialogues 4 --turns 3  # simulator health: in-process lines vs `transformers serve`
 
 Decoders run the *same* dialogues (same personas, greedy policy and simulator, the same per-turn
 token budgets), each in its own subprocess so peak memory is its own:
@@ -20,6 +22,15 @@ tokens, wall time split into prefill / decode / the rest (simulator appraisal, b
 memory (RSS on CPU, max allocated on CUDA) and, on a GPU, the decode memory-bandwidth utilisation:
 the bytes every decode step must read (all weights, and the KV cache slots it attends over) divided
 by the decode time and the card's peak bandwidth. The last line is JSON.
+
+`--env` plays the same personas with the same greedy policy (the embedded model) three ways: the native
+rollout (rollout.run, KV engine), CallEnv one call at a time with a plain `model.generate` loop over the
+chat messages (docs/env.md's example), and CallBatch with one left-padded batched `generate` per turn;
+bank lines and the lexical appraiser, every call played to `--turns` (patience off), so the work is equal.
+It reports calls/s and the seconds spent inside the simulator. `--health` plays the same calls with the
+callee's lines written by the embedded model in-process and by the same model behind `transformers serve`
+(started here on 127.0.0.1, or `--endpoint URL --endpoint-model NAME`), and prints both simulators' health
+counts. Both modes end with one JSON line.
 """
 
 import argparse
@@ -35,6 +46,8 @@ import time
 import torch
 
 import config
+import endpoint as E
+import env as callenv
 import kvbatch
 import lm
 import personas as P
@@ -271,6 +284,135 @@ def table(rows):
               f"{r['tok_s']:7.1f} {r['prefill_tokens']:11d} {r['peak_mem_gb']:8.2f} {str(r['same_as_kv']):>14s}")
 
 
+# --------------------------------------------------------------------------- --env and --health
+
+def equal_work_sim_cfg(cfg, turns, **extra):
+    """Every call lasts `turns` agent turns (no hang-up, no rejection): equal work for every way of playing it."""
+    return {**cfg["simulator"], "appraiser": "lexical", "utterance": "template", "max_turns": turns, "temperature": 0.0,
+            "rules": {**cfg["simulator"]["rules"], "patience": 10 ** 6, "reject_threshold": -1.0}, **extra}
+
+
+def chat_messages(obs_system, transcript):
+    """The agent's view as chat messages: its system block, then the callee as `user` and itself as `assistant`."""
+    return [{"role": "system", "content": obs_system}] + [
+        {"role": "user" if who == "callee" else "assistant", "content": text} for who, text in transcript]
+
+
+@torch.no_grad()
+def generate_turns(model, tokenizer, conversations, max_new_tokens):
+    """One greedy agent turn for each conversation (chat messages), in one left-padded `model.generate` call."""
+    tokenizer.padding_side = "left"
+    texts = [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in conversations]
+    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+    out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
+                         top_k=None, pad_token_id=tokenizer.pad_token_id)
+    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in out[:, batch["input_ids"].shape[1]:]]
+
+
+def bench_env(args):
+    """Calls/s of the native rollout, CallEnv (one call at a time) and CallBatch on the same personas."""
+    cfg = config.load()
+    tokenizer, model = lm.load_model({**cfg["model"], "name_or_path": args.model})
+    people = P.sample_many(cfg["personas"]["domains"], args.dialogues, seed=0)
+    sim_cfg = equal_work_sim_cfg(cfg, args.turns)
+    run_cfg = {**cfg, "simulator": sim_cfg}
+    rows = {}
+    generate_turns(model, tokenizer, [chat_messages("warm-up", [("callee", "Hello?")])], 2)   # not timed
+
+    t0 = time.perf_counter()
+    trajs = rollout.run(model, tokenizer, S.CognitiveUserSimulator(sim_cfg, seed=0), people,
+                        {**cfg["rollout"], "temperature": 0.0, "max_new_tokens": args.policy_tokens}, seed=0)
+    rows["native"] = {"wall_s": time.perf_counter() - t0, "env_s": None, "decisions": [t.decision for t in trajs]}
+
+    call, env_s, decisions = callenv.CallEnv(run_cfg), 0.0, []
+    t0 = time.perf_counter()
+    for p in people:                                   # the Gymnasium way: one call after another
+        t1 = time.perf_counter()
+        obs, info = call.reset(seed=0, options={"persona": p})
+        env_s += time.perf_counter() - t1
+        transcript, over = [("callee", obs["line"])], False
+        while not over:
+            turn = generate_turns(model, tokenizer, [chat_messages(obs["system"], transcript)], args.policy_tokens)[0]
+            t1 = time.perf_counter()
+            obs, reward, terminated, truncated, info = call.step(turn)
+            env_s += time.perf_counter() - t1
+            transcript += [("agent", turn), ("callee", obs["line"])]
+            over = terminated or truncated
+        decisions.append(info["decision"])
+    rows["callenv"] = {"wall_s": time.perf_counter() - t0, "env_s": env_s, "decisions": decisions}
+
+    batch, env_s = callenv.CallBatch(run_cfg), 0.0
+    t0 = time.perf_counter()
+    obs, infos = batch.reset(people, seed=0)
+    transcripts, final = [[("callee", o["line"])] for o in obs], list(infos)
+    systems = [o["system"] for o in obs]
+    while not all(batch.over):
+        live = [i for i, over in enumerate(batch.over) if not over]
+        turns = [""] * len(people)
+        for i, turn in zip(live, generate_turns(model, tokenizer, [chat_messages(systems[i], transcripts[i]) for i in live],
+                                                args.policy_tokens)):
+            turns[i] = turn
+        t1 = time.perf_counter()
+        obs, _, _, _, infos = batch.step(turns)
+        env_s += time.perf_counter() - t1
+        for i in live:
+            transcripts[i] += [("agent", turns[i]), ("callee", obs[i]["line"])]
+            final[i] = infos[i]
+    rows["callbatch"] = {"wall_s": time.perf_counter() - t0, "env_s": env_s, "decisions": [f["decision"] for f in final]}
+
+    device = f"cpu x{torch.get_num_threads()}" if not torch.cuda.is_available() else torch.cuda.get_device_name()
+    print(f"calls/s, {device}, {args.dialogues} calls x {args.turns} turns, greedy <= {args.policy_tokens} tokens a turn, "
+          f"bank lines, lexical appraiser")
+    print(f"{'way':10s} {'wall s':>8s} {'calls/s':>8s} {'in env s':>9s}")
+    summary = {"mode": "env", "dialogues": args.dialogues, "turns": args.turns, "device": device, "model": args.model}
+    for name, r in rows.items():
+        r["calls_s"] = args.dialogues / r["wall_s"]
+        env_txt = "-" if r["env_s"] is None else f"{r['env_s']:.2f}"
+        print(f"{name:10s} {r['wall_s']:8.1f} {r['calls_s']:8.3f} {env_txt:>9s}")
+        summary[f"{name}_calls_s"] = round(r["calls_s"], 4)
+        summary[f"{name}_wall_s"] = round(r["wall_s"], 2)
+        if r["env_s"] is not None:
+            summary[f"{name}_env_s"] = round(r["env_s"], 3)
+    summary["callenv_same_decisions_as_native"] = rows["callenv"]["decisions"] == rows["native"]["decisions"]
+    summary["callbatch_same_decisions_as_callenv"] = rows["callbatch"]["decisions"] == rows["callenv"]["decisions"]
+    print(json.dumps(summary))
+
+
+def bench_health(args):
+    """The simulator's health counts with the callee's lines from the in-process model and from the same model
+    served (`transformers serve` on 127.0.0.1, or --endpoint): the same personas, policy and seeds."""
+    cfg = config.load()
+    tokenizer, model = lm.load_model({**cfg["model"], "name_or_path": args.model})
+    people = P.sample_many(cfg["personas"]["domains"], args.dialogues, seed=0)
+    roll_cfg = {**cfg["rollout"], "temperature": 0.0, "max_new_tokens": args.policy_tokens}
+    base = {**cfg["simulator"], "appraiser": "lexical", "utterance": "llm", "max_turns": args.turns,
+            "max_new_tokens": args.user_tokens, "temperature": 0.0}
+
+    def play(sim_cfg):
+        sim = S.CognitiveUserSimulator(sim_cfg, model, tokenizer, seed=0)
+        t0 = time.perf_counter()
+        trajs = rollout.run(model, tokenizer, sim, people, roll_cfg, seed=0)
+        return {"wall_s": round(time.perf_counter() - t0, 2), "calls": len(trajs), "health": dict(sim.stats),
+                "decisions": [t.decision for t in trajs]}
+
+    results = {"in_process": play(base)}
+    if args.endpoint:
+        results["served"] = play({**base, "model": args.endpoint, "endpoint_model": args.endpoint_model or args.model})
+    else:
+        model_dir = lm.embedded_path() if args.model == lm.EMBEDDED else args.model
+        with E.LocalServer(model_dir) as url:
+            results["served"] = play({**base, "model": url, "endpoint_model": model_dir, "endpoint_timeout": 600.0})
+    keys = [k for k in results["in_process"]["health"] if k != "generated_tokens"] + ["generated_tokens"]
+    print(f"simulator health, {args.dialogues} calls x {args.turns} turns, <= {args.user_tokens} tokens a callee line, greedy")
+    print(f"{'count':22s} {'in-process':>11s} {'served':>8s}")
+    for k in keys:
+        print(f"{k:22s} {results['in_process']['health'][k]:11d} {results['served']['health'][k]:8d}")
+    print(f"{'wall s':22s} {results['in_process']['wall_s']:11.1f} {results['served']['wall_s']:8.1f}")
+    print(json.dumps({"mode": "health", "dialogues": args.dialogues, "turns": args.turns, "user_tokens": args.user_tokens,
+                      **{name: {k: r[k] for k in ("wall_s", "calls", "health")} for name, r in results.items()},
+                      "same_decisions": results["in_process"]["decisions"] == results["served"]["decisions"]}))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dialogues", type=config.positive_int, default=16)
@@ -284,10 +426,19 @@ def main():
                         "(+ generate_static on CUDA: a static compiled cache, the strongest plain baseline)")
     parser.add_argument("--write-model", metavar="DIR", help="with --arch: write a random-weight model folder and exit")
     parser.add_argument("--sweep", action="store_true", help="also sweep batch size x turns (kv, generate_batched)")
+    parser.add_argument("--env", action="store_true", help="calls/s: CallEnv and CallBatch (env.py) vs the native rollout")
+    parser.add_argument("--health", action="store_true", help="simulator health counts: in-process vs served lines")
+    parser.add_argument("--endpoint", help="--health: an OpenAI-compatible base URL to use instead of starting "
+                        "`transformers serve` here")
+    parser.add_argument("--endpoint-model", help="--health with --endpoint: the model name it serves")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         return child(args)
+    if args.env:
+        return bench_env(args)
+    if args.health:
+        return bench_health(args)
     if args.write_model:
         if not args.arch:
             raise SystemExit("--write-model needs --arch (one of: " + ", ".join(sorted(ARCHS)) + ").")

@@ -22,6 +22,7 @@ import eval as evaluation
 import lm
 import personas as P
 import runfiles
+import simulator as S
 import warmstart
 from eval import METRICS, fmt, intervals, paired_difference, per_persona
 from savpo import Trainer
@@ -62,7 +63,7 @@ def compare(config_path, overrides, seeds, n_personas, n, out, algos=ALGOS):
     for path in adapters.values():      # each checked (loaded, taken off again) before any policy is played
         lm.load_adapter(model, path, what="adapter").unload()
     sim_model = sim_tok = None
-    if cfg["simulator"]["model"]:
+    if S.own_model(cfg["simulator"]["model"]):   # "" or an endpoint URL: none to load
         sim_tok, sim_model = lm.load_model({**cfg["model"], "name_or_path": cfg["simulator"]["model"], "warm_start": ""})
     tables = {}
 

@@ -29,6 +29,7 @@ import sys
 
 import yaml
 
+import endpoint
 import runfiles
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -64,7 +65,7 @@ RANGES = {
     "lora.r": ">= 1", "lora.alpha": "> 0", "lora.dropout": "[0, 1)",
     "personas.eval_n": ">= 1", "personas.eval_samples": ">= 1",
     "simulator.max_turns": ">= 1", "simulator.max_new_tokens": ">= 1", "simulator.temperature": ">= 0",
-    "simulator.top_p": "(0, 1]", "simulator.generative_max_tokens": ">= 1",
+    "simulator.top_p": "(0, 1]", "simulator.generative_max_tokens": ">= 1", "simulator.endpoint_timeout": "> 0",
     "simulator.rules.patience": ">= 1", "simulator.rules.reveal_gain": ">= 0", "simulator.rules.resolve_gain": ">= 0",
     "simulator.rules.push_penalty": ">= 0", "simulator.rules.offtopic_penalty": ">= 0",
     "simulator.rules.accept_threshold": "[0, 4]", "simulator.rules.reject_threshold": "[-4, 4]",
@@ -105,9 +106,32 @@ def _check_ranges(cfg, ranges, where=lambda key: ""):
         raise ConfigError(f"config key 'train.group_size' is {t['group_size']}; allowed: >= 2 with stpr.mode="
                           f"{st['mode']} (a group of one has no outcome contrast, so every advantage would be 0), "
                           f"or use stpr.mode=additive / algo=distill.")
+    _check_endpoint(cfg["simulator"], where)
     if cfg["rollout"]["max_new_tokens"] >= cfg["rollout"]["max_context"]:
         raise ConfigError(f"config key 'rollout.max_new_tokens' is {cfg['rollout']['max_new_tokens']}; allowed: "
                           f"< rollout.max_context ({cfg['rollout']['max_context']}).")
+
+
+def _check_endpoint(sim, where):
+    """`simulator.model` as a URL (endpoint.py): a well-formed base URL, a model name to ask for, and an
+    appraiser that needs no log-probabilities."""
+    name = sim["model"]
+    if not endpoint.is_url(name):
+        if re.match(r"(https?\W|www\.)", name.strip().lower()) or "://" in name:     # a URL, mistyped
+            raise ConfigError(f"config key 'simulator.model'{where('simulator.model')} is {name!r}, neither a model nor a "
+                              f"URL; give an OpenAI-compatible base URL like http://127.0.0.1:8000/v1.")
+        return
+    problem = endpoint.url_problem(name)
+    if problem:
+        raise ConfigError(f"config key 'simulator.model'{where('simulator.model')} is {name!r}, which {problem}; give "
+                          f"an OpenAI-compatible base URL like http://127.0.0.1:8000/v1.")
+    if not sim["endpoint_model"].strip():
+        raise ConfigError(f"config key 'simulator.endpoint_model' is empty, but simulator.model is the endpoint {name!r}; "
+                          f"name the model it serves, e.g. simulator.endpoint_model=Qwen/Qwen2.5-7B-Instruct.")
+    if sim["appraiser"] == "llm":
+        raise ConfigError(f"config key 'simulator.appraiser' is 'llm', which reads next-token log-probabilities that an "
+                          f"OpenAI-compatible endpoint does not give reliably (transformers serve refuses them); with "
+                          f"simulator.model={name} use simulator.appraiser=generative (or semantic / lexical).")
 
 
 # Presets of `algo`: a preset's keys define the algorithm, so they win over a --config file, and a command-line

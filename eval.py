@@ -473,7 +473,10 @@ def main(argv=None):
             lm.load_adapter(model, path).unload()          # any policy is played (and nothing is written)
         sim_model = sim_tok = None
         sim_name = args.simulator_model or cfg["simulator"]["model"]
-        if sim_name:
+        if args.simulator_model and not S.own_model(args.simulator_model):
+            raise config.ConfigError(f"--simulator-model names a model to load; give an endpoint as simulator.model="
+                                     f"{args.simulator_model} simulator.endpoint_model=NAME instead.")
+        if S.own_model(sim_name):    # "" or an endpoint URL: none to load
             sim_tok, sim_model = lm.load_model({**cfg["model"], "name_or_path": sim_name, "warm_start": ""})
     except (config.ConfigError, lm.ModelError, P.DomainError, ValueError) as e:
         raise SystemExit(f"eval: {e}")

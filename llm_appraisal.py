@@ -149,7 +149,8 @@ def parse_generative(text, concern_ids):
             "push": m.group(4) == "yes", "off_topic": m.group(5) == "yes"}
 
 
-def generative_prompt(tokenizer, agent_text, domain, concern_ids):
+def generative_messages(agent_text, domain, concern_ids):
+    """The generative appraiser's request as chat messages [system, user]."""
     by_id = {c["id"]: c for c in P.load_bank(domain)["concerns"]}
     concerns = "; ".join(f"{cid}: {by_id[cid]['statement']}" for cid in concern_ids)
     system = ("You annotate sales calls. Reply with exactly: <asked>ids</asked><answered>ids</answered>"
@@ -159,30 +160,51 @@ def generative_prompt(tokenizer, agent_text, domain, concern_ids):
               "concern ids or none. open_question: the salesperson asks what worries the customer without "
               "naming a topic.")
     user = f"Customer concerns: {concerns}\nSalesperson said: \"{agent_text}\""
-    return (lm.flat_message_ids(tokenizer, "system", system) + lm.flat_message_ids(tokenizer, "user", user)
-            + lm.encode(tokenizer, lm.generation_header(tokenizer)))
+    return [{"role": "system", "content": system}, {"role": "user", "content": user}]
+
+
+def generative_prompt(tokenizer, agent_text, domain, concern_ids):
+    """`generative_messages` as the in-process model's token ids, up to the generation header."""
+    system, user = generative_messages(agent_text, domain, concern_ids)
+    return (lm.flat_message_ids(tokenizer, "system", system["content"])
+            + lm.flat_message_ids(tokenizer, "user", user["content"]) + lm.encode(tokenizer, lm.generation_header(tokenizer)))
 
 
 class GenerativeAppraiser:
     """The simulator model writes each appraisal in tags (`generative_prompt`), one batched greedy decode
     for all turns, with the adapter disabled; a reply that does not parse strictly falls back to the lexical
-    appraiser and is counted in `parse_failures`."""
+    appraiser and is counted in `parse_failures`. With an `endpoint` (endpoint.Endpoint, `simulator.model` a
+    URL) the served model writes the tags, all turns' requests at once; a failed request falls back to the
+    lexical appraiser too (counted by the endpoint, not as a parse failure)."""
 
-    def __init__(self, model, tokenizer, rules, max_tokens):
+    def __init__(self, model, tokenizer, rules, max_tokens, endpoint=None):
         self.model, self.tokenizer, self.rules, self.max_tokens = model, tokenizer, rules, max_tokens
+        self.endpoint = endpoint
         self.parse_failures = 0
 
-    def __call__(self, agent_texts, domains, voiced=None, concern_ids=None):
+    def _replies(self, agent_texts, domains, concern_ids):
+        """The model's tags for each turn, or None where the endpoint gave none."""
+        if self.endpoint is not None:
+            replies = self.endpoint.chat_many([{"messages": generative_messages(t, d, ids), "max_tokens": self.max_tokens}
+                                               for t, d, ids in zip(agent_texts, domains, concern_ids)])
+            return [None if isinstance(r, Exception) else r.text for r in replies]
         tok = self.tokenizer
-        voiced = voiced or [()] * len(agent_texts)
-        concern_ids = concern_ids or [[c["id"] for c in P.load_bank(d)["concerns"]] for d in domains]
         batch = KVBatch(self.model, tok.pad_token_id, adapter=False)
         for i, (text, domain, ids) in enumerate(zip(agent_texts, domains, concern_ids)):
             batch.add(i, generative_prompt(tok, text, domain, ids))
         outs = batch.generate(self.max_tokens, lm.stop_ids(tok, self.model))
+        return [tok.decode(outs[i][0], skip_special_tokens=True) for i in range(len(agent_texts))]
+
+    def __call__(self, agent_texts, domains, voiced=None, concern_ids=None):
+        voiced = voiced or [()] * len(agent_texts)
+        concern_ids = concern_ids or [[c["id"] for c in P.load_bank(d)["concerns"]] for d in domains]
+        replies = self._replies(agent_texts, domains, concern_ids)
         results = []
-        for i, (text, domain, ids, heard) in enumerate(zip(agent_texts, domains, concern_ids, voiced)):
-            parsed = parse_generative(tok.decode(outs[i][0], skip_special_tokens=True), set(ids))
+        for reply, text, domain, ids, heard in zip(replies, agent_texts, domains, concern_ids, voiced):
+            if reply is None:
+                results.append(A.lexical_appraise(text, domain, self.rules, heard))
+                continue
+            parsed = parse_generative(reply, set(ids))
             if parsed is None:
                 self.parse_failures += 1
                 results.append(A.lexical_appraise(text, domain, self.rules, heard))

@@ -196,7 +196,7 @@ class Trainer:
             self._copy_adapter("default", "ema", decay=0.0)
             self.model.set_adapter("default")
         self.sim_tokenizer, self.sim_model = self.tokenizer, self.model   # same base, adapter disabled
-        if cfg["simulator"]["model"]:
+        if S.own_model(cfg["simulator"]["model"]):   # "" or an endpoint URL: none to load
             self.sim_tokenizer, self.sim_model = lm.load_model({**cfg["model"], "name_or_path": cfg["simulator"]["model"], "warm_start": ""})
         self.simulator = S.CognitiveUserSimulator(cfg["simulator"], self.sim_model, self.sim_tokenizer, seed=cfg["seed"],
                                                   decoder=kvbatch.decoder_for(self.sim_model, cfg["rollout"]))

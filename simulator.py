@@ -45,7 +45,10 @@ with the LoRA adapter disabled, sharing no cache with the policy), guided by an 
 from the new state; an empty line, a line that speaks as the agent (role inversion, including
 echoing five or more of the agent's words in a row) or one that contradicts the state (e.g. a reveal
 that names nothing of the concern) is replaced by a line built from the bank, and counted.
-`template` builds every line from the bank (fast, deterministic).
+`template` builds every line from the bank (fast, deterministic). With `simulator.model` an OpenAI-compatible
+URL (endpoint.py), the served model writes the lines instead -- the same instruction, the same checks and
+fallback; a timeout, an error or an unusable reply falls back to the template line too, and is counted
+(`endpoint_timeouts`, `endpoint_errors`, `endpoint_unusable` in `stats`).
 """
 
 import argparse
@@ -53,11 +56,13 @@ import copy
 import dataclasses
 import random
 import re
+import zlib
 
 import torch
 
 import appraisal as A
 import config
+import endpoint as E
 import kvbatch
 import llm_appraisal
 import lm
@@ -223,7 +228,24 @@ def echoes(line, agent_text, n=5):
 
 # --------------------------------------------------------------------------- the simulator
 
-def make_appraiser(sim_cfg, model=None, tokenizer=None):
+def own_model(name):
+    """Does `simulator.model` name a model to load in-process (not "" = the policy's base, not a URL)?"""
+    return bool(name) and not E.is_url(name)
+
+
+def make_endpoint(sim_cfg):
+    """The Endpoint `simulator.model` names when it is a URL (checked with one request), else None."""
+    if not E.is_url(sim_cfg.get("model", "")):        # a config without the key (tests' own dicts): in-process
+        return None
+    ep = E.Endpoint(sim_cfg["model"], sim_cfg["endpoint_model"], sim_cfg["endpoint_timeout"])
+    try:
+        ep.check()
+    except E.EndpointError as e:        # a user's mistake (no server there, a wrong name): one sentence
+        raise config.ConfigError(str(e)) from None
+    return ep
+
+
+def make_appraiser(sim_cfg, model=None, tokenizer=None, endpoint=None):
     """The appraiser `simulator.appraiser` names; every one is called the same way (appraisal.py)."""
     kind, rules = sim_cfg["appraiser"], sim_cfg["rules"]
     if kind == "lexical":
@@ -232,27 +254,31 @@ def make_appraiser(sim_cfg, model=None, tokenizer=None):
         return A.SemanticAppraiser(rules)
     if kind == "llm":
         return llm_appraisal.LLMAppraiser(model, tokenizer, rules)
-    return llm_appraisal.GenerativeAppraiser(model, tokenizer, rules, sim_cfg["generative_max_tokens"])
+    return llm_appraisal.GenerativeAppraiser(model, tokenizer, rules, sim_cfg["generative_max_tokens"], endpoint)
 
 
 class CognitiveUserSimulator:
     """Batched over dialogues. `reset(personas) -> openings`; `step(agent_messages) ->
     (user_messages, states, done)`, one entry per dialogue of the last reset (None / previous state
-    for dialogues that already ended)."""
+    for dialogues that already ended). `endpoint`: an endpoint.Endpoint to use instead of the one
+    `simulator.model` names (tests share one)."""
 
-    def __init__(self, sim_cfg, model=None, tokenizer=None, seed=0, decoder=KVBatch):
+    def __init__(self, sim_cfg, model=None, tokenizer=None, seed=0, decoder=KVBatch, endpoint=None):
         self.cfg, self.rules = sim_cfg, sim_cfg["rules"]
         self.model, self.tokenizer = model, tokenizer
+        self.endpoint = endpoint or make_endpoint(sim_cfg)
         kind = sim_cfg["appraiser"]
-        needs_model = kind in ("llm", "generative") or sim_cfg["utterance"] == "llm"
+        needs_model = kind == "llm" or (self.endpoint is None and (kind == "generative" or sim_cfg["utterance"] == "llm"))
         if needs_model and model is None:
             raise ValueError("this simulator configuration needs a model (the llm/generative appraiser or llm lines).")
-        self.appraiser = make_appraiser(sim_cfg, model, tokenizer)
+        self.appraiser = make_appraiser(sim_cfg, model, tokenizer, self.endpoint)
         self.seed, self.decoder = seed, decoder
         self.stats = {"turns": 0, "parse_failures": 0, "role_inversions": 0, "empty_turns": 0,
                       "inconsistent_lines": 0, "truncated_lines": 0, "generated_tokens": 0,
                       # agent turns the rule read as misinformation or as not a salesperson's line
-                      "false_claims": 0, "speaks_for_callee": 0, "repeats_itself": 0, "ignores_worry": 0}
+                      "false_claims": 0, "speaks_for_callee": 0, "repeats_itself": 0, "ignores_worry": 0,
+                      # simulator.model as a URL: requests sent, and those that fell back (timeout, error, no text)
+                      "endpoint_requests": 0, "endpoint_timeouts": 0, "endpoint_errors": 0, "endpoint_unusable": 0}
 
     # -- prompts -----------------------------------------------------------------------------
     def _system_prompt(self, persona):
@@ -346,7 +372,11 @@ class CognitiveUserSimulator:
         self.history = [[] for _ in self.personas]      # each dialogue's agent turns so far
         self.generator = kvbatch.device_generator(seed, self.model) if self.model is not None else None
         openings = [rng.choice(P.load_bank(p.domain)["openings"]) for p, rng in zip(self.personas, self.rngs)]
-        if self.cfg["utterance"] == "llm":
+        self.seed_now = seed
+        if self.cfg["utterance"] == "llm" and self.endpoint is not None:   # the same conversation, as chat messages
+            self.chats = [[{"role": "system", "content": self._system_prompt(p)}, {"role": "assistant", "content": line}]
+                          for p, line in zip(self.personas, openings)]
+        elif self.cfg["utterance"] == "llm":
             tok = self.tokenizer
             self.view = self.decoder(self.model, tok.pad_token_id, adapter=False)
             for i, (p, line) in enumerate(zip(self.personas, openings)):
@@ -363,6 +393,8 @@ class CognitiveUserSimulator:
         voiced = [tuple(c for c, st in self.states[i].concern_status.items() if st == "revealed") for i in idx]
         out = self.appraiser(texts, [p.domain for p in ps], voiced, [[c.id for c in p.concerns] for p in ps])
         self.stats["parse_failures"] = self.appraiser.parse_failures
+        if self.endpoint is not None:
+            self.stats.update(self.endpoint.health())
         for i, text, p, a in zip(idx, texts, ps, out):
             a.incoherent = [reason for reason, found in (
                 ("speaks_for_callee", speaks_for_callee(text, p)),
@@ -373,7 +405,7 @@ class CognitiveUserSimulator:
         """End dialogue i from outside (e.g. the policy's context is full)."""
         self.states[i].decision = reason
         self.done[i] = True
-        if self.cfg["utterance"] == "llm":
+        if self.cfg["utterance"] == "llm" and self.endpoint is None:
             self.view.drop([i])
 
     def step(self, agent_msgs):
@@ -394,12 +426,14 @@ class CognitiveUserSimulator:
         if self.cfg["utterance"] == "template":
             for i in live:
                 user_msgs[i] = self._template_line(self.personas[i], self.states[i], self.rngs[i])
+        elif self.endpoint is not None:
+            self._endpoint_lines(agent_msgs, live, user_msgs)
         else:
             self._generate_lines(agent_msgs, live, user_msgs)
         for i in live:
             if self.states[i].decision != "continue":
                 self.done[i] = True
-        if self.cfg["utterance"] == "llm":
+        if self.cfg["utterance"] == "llm" and self.endpoint is None:
             self.view.drop([i for i in live if self.done[i]])
         return user_msgs, [copy.deepcopy(s) for s in self.states], list(self.done)
 
@@ -422,14 +456,8 @@ class CognitiveUserSimulator:
             ended = bool(tokens) and tokens[-1] in stops      # another stop token is rewritten to the template's
             raw = tok.decode(tokens[:-1] if ended else tokens, skip_special_tokens=True)
             line = re.split(r"\n\s*\n|<\|", raw)[0].strip()  # one paragraph, no stray markers
-            problem = None
-            if not line:
-                problem = "empty_turns"
-            elif ROLE_INVERSION.search(line) or echoes(line, agent_msgs[i]):
-                problem = "role_inversions"
-            elif not self._consistent(line, self.personas[i], self.states[i]):
-                problem = "inconsistent_lines"
-            elif not ended:
+            problem = self._line_problem(line, i, agent_msgs[i])
+            if not problem and not ended:
                 self.stats["truncated_lines"] += 1
             if problem:
                 self.stats[problem] += 1
@@ -439,6 +467,42 @@ class CognitiveUserSimulator:
                 self.view.rollback(i, len(tokens))
                 self.view.extend(i, lm.encode(tok, line) + [eos])
             user_msgs[i] = line
+
+    def _line_problem(self, line, i, agent_text):
+        """Why a generated line cannot be the callee's (a `stats` key), or None."""
+        if not line:
+            return "empty_turns"
+        if ROLE_INVERSION.search(line) or echoes(line, agent_text):
+            return "role_inversions"
+        if not self._consistent(line, self.personas[i], self.states[i]):
+            return "inconsistent_lines"
+        return None
+
+    def _endpoint_lines(self, agent_msgs, live, user_msgs):
+        """The callee's lines from the endpoint: every live dialogue's request at once, then the same checks
+        as `_generate_lines`; a failed request or a bad line becomes the template line, counted."""
+        requests = []
+        for i in live:
+            text = f"{agent_msgs[i].strip()}\n\n[{self._instruction(self.personas[i], self.states[i])}]"
+            self.chats[i].append({"role": "user", "content": text})
+            seed = zlib.crc32(f"{self.seed_now}:{self.personas[i].persona_id}:{i}:{self.states[i].turn}".encode())
+            requests.append({"messages": list(self.chats[i]), "max_tokens": self.cfg["max_new_tokens"],
+                             "temperature": self.cfg["temperature"], "top_p": self.cfg["top_p"], "seed": seed})
+        for i, reply in zip(live, self.endpoint.chat_many(requests)):
+            if isinstance(reply, E.EndpointError):         # counted by the endpoint (stats: endpoint_*)
+                line, problem = self._template_line(self.personas[i], self.states[i], self.rngs[i]), None
+            else:
+                self.stats["generated_tokens"] += reply.tokens
+                line = re.split(r"\n\s*\n|<\|", reply.text)[0].strip()
+                problem = self._line_problem(line, i, agent_msgs[i])
+                if problem:
+                    self.stats[problem] += 1
+                    line = self._template_line(self.personas[i], self.states[i], self.rngs[i])
+                elif reply.finish_reason == "length":
+                    self.stats["truncated_lines"] += 1
+            self.chats[i].append({"role": "assistant", "content": line})
+            user_msgs[i] = line
+        self.stats.update(self.endpoint.health())
 
 
 # --------------------------------------------------------------------------- demo

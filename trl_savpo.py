@@ -263,7 +263,7 @@ def build_trainer(cfg):
     lm.check_context(base.config, cfg["rollout"]["max_context"], cfg["model"]["name_or_path"])
     model = lm.add_lora(base, cfg["lora"], gradient_checkpointing=cfg["train"]["gradient_checkpointing"])
     sim_tokenizer, sim_model = tokenizer, model                # same base, adapter disabled
-    if cfg["simulator"]["model"]:
+    if S.own_model(cfg["simulator"]["model"]):   # "" or an endpoint URL: none to load
         sim_tokenizer, sim_model = lm.load_model({**cfg["model"], "name_or_path": cfg["simulator"]["model"], "warm_start": ""})
     simulator = S.CognitiveUserSimulator(cfg["simulator"], sim_model, sim_tokenizer, seed=cfg["seed"],
                                          decoder=kvbatch.decoder_for(sim_model, cfg["rollout"]))

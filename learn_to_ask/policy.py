@@ -358,7 +358,7 @@ def play(cfg, adapter=None):
     tokenizer, model = load_policy(cfg, adapter)
     persona_list = P.sample_many(lt["domains"], lt["play_n"], lt["play_seed"])
     sim_tokenizer, sim_model = tokenizer, model      # the base with the adapter disabled, or simulator.model
-    if cfg["simulator"]["model"]:
+    if S.own_model(cfg["simulator"]["model"]):   # "" or an endpoint URL: none to load
         sim_tokenizer, sim_model = lm.load_model({**cfg["model"], "name_or_path": cfg["simulator"]["model"], "warm_start": ""})
     sim = S.CognitiveUserSimulator({**cfg["simulator"], "max_turns": lt["play_turns"]}, sim_model, sim_tokenizer,
                                    seed=cfg["seed"], decoder=kvbatch.decoder_for(sim_model, cfg["rollout"]))
