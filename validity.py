@@ -112,6 +112,18 @@ def by_kind(items, predictions):
     return out
 
 
+DOMAIN_LABELS = ("probe", "addresses", "false_claim")
+
+
+def by_domain(items, predictions):
+    """`scores` of each domain's lines alone: {domain: {label: P / R / F1}} (the issue-30 goals are per domain)."""
+    out = {}
+    for domain in sorted({it["domain"] for it in items}):
+        idx = [i for i, it in enumerate(items) if it["domain"] == domain]
+        out[domain] = scores([items[i] for i in idx], [predictions[i] for i in idx])
+    return out
+
+
 def _prf(tp, n_pred, n_gold):
     p = tp / n_pred if n_pred else 1.0
     r = tp / n_gold if n_gold else 1.0
@@ -147,6 +159,7 @@ def main(argv=None):
     a.add_argument("--labels", default=LABELS_PATH)
     a.add_argument("--appraisers", default="lexical,semantic,llm")
     a.add_argument("--json", action="store_true", help="also print the results as one JSON line")
+    a.add_argument("--by-domain", action="store_true", help="also print probe / addresses / false claim per domain")
     for p in (m, a):
         p.add_argument("overrides", nargs="*", help="config overrides, e.g. simulator.appraiser=lexical")
     args = parser.parse_args(argv)
@@ -177,7 +190,7 @@ def main(argv=None):
         t0 = time.perf_counter()
         preds = appraise_items(kind, items, cfg["simulator"]["rules"], model, tokenizer)
         results[kind] = {"ms_per_turn": round(1000 * (time.perf_counter() - t0) / len(items), 1), **scores(items, preds),
-                         "by_kind": by_kind(items, preds)}
+                         "by_kind": by_kind(items, preds), "by_domain": by_domain(items, preds)}
     print(f"{len(items)} labelled agent turns ({os.path.relpath(args.labels)}); P / R / F1 per label")
     print("| appraiser | ms/turn | " + " | ".join(LABELS) + " |")
     print("|---|---|" + "---|" * len(LABELS))
@@ -187,6 +200,13 @@ def main(argv=None):
     for kind, r in results.items():
         if r["by_kind"]:
             print(f"{kind}: " + "; ".join(f"{k} {v:.2f} (n {n})" for k, (v, n) in r["by_kind"].items()))
+    if args.by_domain:
+        print("| appraiser | domain | " + " | ".join(DOMAIN_LABELS) + " |")
+        print("|---|---|" + "---|" * len(DOMAIN_LABELS))
+        for kind, r in results.items():
+            for domain, s in r["by_domain"].items():
+                cells = [f"{s[x]['precision']:.2f} / {s[x]['recall']:.2f} / **{s[x]['f1']:.2f}**" for x in DOMAIN_LABELS]
+                print(f"| {kind} | {domain} | " + " | ".join(cells) + " |")
     if args.json:
         print(json.dumps(results))
 

@@ -1,10 +1,14 @@
 """The appraisers' reading of one agent turn (appraisal.py): asking is not telling, a fact answers a worry
 only in a sentence about it and only if it is true, and every appraiser returns the one `Appraisal`."""
 
+import os
+
 import pytest
+import torch
 
 import appraisal as A
 import facts as F
+import lm
 import personas as P
 import validity as V
 
@@ -106,3 +110,29 @@ def test_only_an_ask_to_decide_now_is_a_push(rules, kind):
     items = [{"text": t, "domain": "courier_recruitment"} for t in soft + pushes]
     got = V.appraise_items(kind, items, rules)
     assert [g.push for g in got] == [False] * len(soft) + [True] * len(pushes)
+
+
+def test_a_bank_edit_makes_the_reader_rebuild(cfg, tmp_path, monkeypatch):
+    """The reader's vectors of a bank are cached on disk under a key of the bank's whole content (issue 30):
+    the same bank is read back, not rebuilt; one edited exemplar gives a new key, a rebuild and a new topic."""
+    monkeypatch.setattr(lm, "CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(P, "_BANK_CACHE", {})
+    monkeypatch.setattr(P, "_BANK_PATHS", {})
+    text = open(os.path.join(P.DOMAIN_DIR, "merchant_recruitment.yaml")).read()
+    text = text.replace("name: merchant_recruitment", "name: cache_test_bank", 1)
+    original = tmp_path / "bank.yaml"
+    original.write_text(text)
+    rules = cfg["simulator"]["rules"]
+    first = A.SemanticAppraiser(rules)
+    topic = first._bank(str(original))["topic"]
+    assert len(first.built) == 1 and os.path.isfile(first.built[0])
+    again = A.SemanticAppraiser(rules)
+    assert torch.equal(again._bank(str(original))["topic"], topic) and again.built == []   # read, not rebuilt
+    old = "Is the cut we'd take from each order something that worries you?"
+    assert old in text
+    original.write_text(text.replace(old, "Does paying us a slice of every sale keep you up at night?"))
+    monkeypatch.setattr(P, "_BANK_CACHE", {})    # as in a new process: the edited file is read again
+    rebuilt = A.SemanticAppraiser(rules)
+    new_topic = rebuilt._bank(str(original))["topic"]
+    assert len(rebuilt.built) == 1 and rebuilt.built[0] != first.built[0]
+    assert not torch.equal(new_topic[0], topic[0]) and torch.equal(new_topic[1:], topic[1:])

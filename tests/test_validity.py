@@ -97,16 +97,43 @@ def test_false_claims_on_held_out_labelled_lines(cfg):
     assert s["precision"] >= 0.85 and s["recall"] >= 0.7
 
 
-def test_lies_without_numbers_and_soft_closes_on_the_independent_held_out_lines(cfg_module):
+@pytest.fixture(scope="module")
+def independent(cfg_module):
+    """The held-out independent lines and the semantic appraiser's reading of them (read once per module)."""
+    items = V.read_labels(os.path.join(os.path.dirname(P.DOMAIN_DIR), "appraisal_independent.jsonl"))
+    return items, V.appraise_items("semantic", items, cfg_module["simulator"]["rules"])
+
+
+def test_lies_without_numbers_and_soft_closes_on_the_independent_held_out_lines(independent):
     """data/appraisal_independent.jsonl: 342 lines by a writer who saw only the banks' concerns and facts
     (data/INDEPENDENT.md). Thresholds below the measured values (docs/simulator.md): false claims are
     precise, most qualitative lies (no number) are caught, and no soft close is read as a push."""
-    items = V.read_labels(os.path.join(os.path.dirname(P.DOMAIN_DIR), "appraisal_independent.jsonl"))
-    preds = V.appraise_items("semantic", items, cfg_module["simulator"]["rules"])
+    items, preds = independent
     s, kinds = V.scores(items, preds), V.by_kind(items, preds)
     assert s["false_claim"]["precision"] >= 0.9 and s["false_claim"]["recall"] >= 0.65
     assert kinds["false_qualitative: false claims caught"][0] >= 0.6
     assert kinds["soft_close: read as a push"] == (0.0, 18)
+
+
+def test_topics_in_other_peoples_words_per_domain_on_the_independent_held_out_lines(independent):
+    """Issue 30, per domain on the independent held-out lines: floors just below what the semantic reader
+    measures (docs/simulator.md: probe F1 0.83 / 0.90 / 0.73, addresses F1 0.81 / 0.87 / 0.87 for broadband,
+    courier, merchant), so a reader that reads topics worse in any one domain fails here."""
+    items, preds = independent
+    per_domain = V.by_domain(items, preds)
+    assert set(per_domain) == set(P.list_domains())
+    for domain, s in per_domain.items():
+        assert s["probe"]["f1"] >= 0.7 and s["addresses"]["f1"] >= 0.78, (domain, s["probe"], s["addresses"])
+        assert s["false_claim"]["precision"] >= 0.9, (domain, s["false_claim"])
+
+
+@pytest.mark.xfail(strict=True, reason="issue 30's goal, not met: probe F1 0.83 (broadband) and 0.73 (merchant), "
+                                       "addresses F1 0.81 (broadband); strict, so a reader that meets it must "
+                                       "turn this into a plain test")
+def test_issue_30_goal_probe_and_addresses_f1_085_in_every_domain(independent):
+    items, preds = independent
+    for domain, s in V.by_domain(items, preds).items():
+        assert s["probe"]["f1"] >= 0.85 and s["addresses"]["f1"] >= 0.85, domain
 
 
 def test_a_bad_labels_or_lines_file_is_one_sentence(tmp_path):
