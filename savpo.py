@@ -1,6 +1,6 @@
 """SAVPO: train a proactive policy against the Cognitive User Simulator (the project's main job).
 
-    python savpo.py                                  # default config: CPU, embedded 135M model, ~10 min
+    python savpo.py                                  # from the shipped warm start to the verdict table, ~8 min
     python savpo.py algo=grpo train.steps=20         # a baseline, any config override
     python savpo.py --resume out_dir=runs/default    # continue a run exactly where it stopped
 
