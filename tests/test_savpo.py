@@ -35,7 +35,7 @@ def test_two_step_smoke_run_of_each_preset(tiny_dir, tmp_path, algo):
         assert lines[0]["pg_loss"] == 0.0 and lines[0]["aopsd_kl"] == 0.0 and not moved
     else:   # refine, additive STPR: random talk is off-topic (-0.25 willingness), a signal of its own
         assert lines[0]["aopsd_kl"] == 0.0 and lines[0]["pg_loss"] != 0.0 and moved
-    assert "success_rate" in result
+    assert "success_rate" in result["trained"]["overall"] and "resolve" in result["trained"]["difference_vs_base"]
     assert os.path.exists(tmp_path / algo / "config.yaml")
     samples = [json.loads(l) for l in open(tmp_path / algo / "samples.jsonl")]
     assert samples and "hidden_concerns" in samples[0] and samples[0]["states"]
