@@ -160,7 +160,7 @@ def test_the_long_cpu_preset_warm_starts_with_the_guide_note_and_refuses_a_misma
     """presets/cpu_long.yaml loads over config.yaml (a partial file) and starts from the shipped warm start with
     the guide note; an adapter trained for another note is refused by name instead of silently reused."""
     cfg = config.load("presets/cpu_long.yaml")
-    assert W.resolve(cfg)["model"]["warm_start"] == os.path.join(W.RELEASE, "adapter") and cfg["aopsd"]["note"] == "guide"
+    assert os.path.abspath(W.resolve(cfg)["model"]["warm_start"]) == os.path.join(W.RELEASE, "adapter") and cfg["aopsd"]["note"] == "guide"
     assert cfg["train"]["steps"] > config.load()["train"]["steps"] and cfg["out_dir"] == "runs/cpu_long"
     common = [f"model.name_or_path={tiny_dir}", f"warmstart.out_dir={tmp_path / 'ws'}", "warmstart.calls=2",
               "warmstart.epochs=1", "simulator.appraiser=lexical", "model.warm_start=auto"]
