@@ -382,7 +382,8 @@ def bench_health(args):
     """The simulator's health counts with the callee's lines from the in-process model and from the same model
     served (`transformers serve` on 127.0.0.1, or --endpoint): the same personas, policy and seeds."""
     cfg = config.load()
-    tokenizer, model = lm.load_model({**cfg["model"], "name_or_path": args.model})
+    # the model as published on both paths (the server has no warm start to fold in): like for like
+    tokenizer, model = lm.load_model({**cfg["model"], "name_or_path": args.model, "warm_start": ""})
     people = P.sample_many(cfg["personas"]["domains"], args.dialogues, seed=0)
     roll_cfg = {**cfg["rollout"], "temperature": 0.0, "max_new_tokens": args.policy_tokens}
     base = {**cfg["simulator"], "appraiser": "lexical", "utterance": "llm", "max_turns": args.turns,
