@@ -129,6 +129,18 @@ def test_the_warm_start_learns_its_calls_and_folds_into_the_weights(tiny_dir, tm
     assert torch.allclose(with_adapter(ids).logits, merged(ids).logits, atol=1e-4)
     with pytest.raises(lm.ModelError, match="warm_start"):
         lm.load_model({**cfg["model"], "warm_start": str(tmp_path / "nowhere")})
+    # the release: float16 weights its manifest hashes, the config it was made with, the same policy to rounding
+    import hashlib
+    import json
+    released = W.release({**cfg, "model": {**cfg["model"], "warm_start": ""}}, str(tmp_path), dest=str(tmp_path / "rel"))
+    manifest = json.load(open(os.path.join(released, "MANIFEST.json")))
+    blob = open(os.path.join(released, manifest["weights"]), "rb").read()
+    assert hashlib.sha256(blob).hexdigest() == manifest["sha256"] and manifest["cross_entropy_by_epoch"] == losses
+    from safetensors.torch import load_file
+    assert {t.dtype for t in load_file(os.path.join(released, manifest["weights"])).values()} == {torch.float16}
+    _, shipped = lm.load_model({**cfg["model"], "warm_start": os.path.join(released, "adapter")})
+    assert torch.allclose(shipped(ids).logits, merged(ids).logits, atol=1e-2)
+    assert config.check_warm_start({**cfg, "model": {**cfg["model"], "warm_start": os.path.join(released, "adapter")}})
 
 
 def test_auto_warm_start_trains_once_and_its_runs_are_evaluated_on_it(tiny_dir, tmp_path, capsys):
