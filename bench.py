@@ -6,6 +6,7 @@
     python bench.py --arch qwen3-4b --write-model runs/qwen3-4b-random   # a folder for savpo.py's GPU path
     python bench.py --env --dialogues 8 --turns 3     # calls/s: CallEnv / CallBatch (env.py) vs the native rollout
     python bench.py --health --dialogues 4 --turns 3  # simulator health: in-process lines vs `transformers serve`
+    python bench.py --step                            # training dialogues per minute: the default step vs the old one
 
 Decoders run the *same* dialogues (same personas, greedy policy and simulator, the same per-turn
 token budgets), each in its own subprocess so peak memory is its own:
@@ -31,6 +32,14 @@ It reports calls/s and the seconds spent inside the simulator. `--health` plays 
 callee's lines written by the embedded model in-process and by the same model behind `transformers serve`
 (started here on 127.0.0.1, or `--endpoint URL --endpoint-model NAME`), and prints both simulators' health
 counts. Both modes end with one JSON line.
+
+`--step` times whole SAVPO training steps (rollouts -> advantages -> teacher pass + update, savpo.Trainer from
+the shipped warm start, the config's personas) for two settings, each in its own subprocess: `before`, the
+default step as it was until 2026-12-02 (float32, 2 personas x G 4 = 8 calls a step), and `now`, config.yaml as
+it ships (`model.dtype: auto` = bf16 where the CPU multiplies it natively, 2 personas x G 8). Both optimise
+the same loss; reported per setting: training dialogues per minute, the split (rollouts / teacher pass /
+student forward+backward), the tokens of each view (conversation-only, privileged, agent), and the ratio.
+`--step-overrides` replaces `now`'s settings (key=value ...). One JSON line last.
 """
 
 import argparse
@@ -153,7 +162,7 @@ def load(args):
         spec = dict(ARCHS[args.arch])
         model_config = AutoConfig.for_model(spec.pop("model_type"), **spec, tie_word_embeddings=False)
         device = lm.pick_device("auto")
-        dtype = lm.pick_dtype("auto", device)
+        dtype = lm.pick_dtype(args.dtype, device)
         torch.manual_seed(0)
         with torch.device(device):
             model = AutoModelForCausalLM.from_config(model_config, dtype=dtype)
@@ -164,9 +173,9 @@ def load(args):
                 tokenizer.save_pretrained(tmp)
                 del model
                 tokenizer, model = lm.load_model({"name_or_path": tmp, "quantization": args.quantization,
-                                                  "dtype": "auto", "device": "auto"})
+                                                  "dtype": args.dtype, "device": "auto"})
         return tokenizer, model.eval()
-    return lm.load_model({"name_or_path": args.model, "quantization": args.quantization, "dtype": "auto",
+    return lm.load_model({"name_or_path": args.model, "quantization": args.quantization, "dtype": args.dtype,
                           "device": "auto"})
 
 
@@ -265,7 +274,7 @@ def child(args):
 def spawn(args, method, dialogues, turns):
     cmd = [sys.executable, os.path.abspath(__file__), "--one", method, "--dialogues", str(dialogues),
            "--turns", str(turns), "--policy-tokens", str(args.policy_tokens), "--user-tokens",
-           str(args.user_tokens), "--model", args.model, "--quantization", args.quantization]
+           str(args.user_tokens), "--model", args.model, "--quantization", args.quantization, "--dtype", args.dtype]
     if args.arch:
         cmd += ["--arch", args.arch]
     out = subprocess.run(cmd, capture_output=True, text=True)
@@ -414,6 +423,65 @@ def bench_health(args):
                       "same_decisions": results["in_process"]["decisions"] == results["served"]["decisions"]}))
 
 
+# --------------------------------------------------------------------------- --step
+
+STEP_BEFORE = ("model.dtype=float32", "train.personas_per_step=2", "train.group_size=4")   # the default until 2026-12-02
+
+
+def step_child(args):
+    """Time `args.steps` training steps of savpo.Trainer with the overrides `args.step_one` (a JSON list)."""
+    import tempfile
+    import savpo
+    import warmstart
+    overrides = json.loads(args.step_one)
+    with tempfile.TemporaryDirectory() as out:
+        cfg = warmstart.resolve(config.load(None, [*overrides, f"out_dir={out}", f"train.steps={args.steps}"]))
+        trainer = savpo.Trainer(cfg, log=lambda *a: None)
+        aopsd, steps = cfg["aopsd"], []
+        for step in range(args.steps):
+            t0 = time.perf_counter()
+            trajs, rollout_s, _ = trainer.collect(step)
+            _, per_turn = trainer.advantages(trajs)
+            t1 = time.perf_counter()
+            stats = trainer.update(trajs, per_turn, step)
+            update_s = time.perf_counter() - t1
+            privileged = [len(rollout.teacher_view(t, rollout.note_ids(trainer.tokenizer, t.persona, aopsd["note"]),
+                                                   aopsd["placement"])[0]) for t in trajs]
+            steps.append({"dialogues": len(trajs), "step_s": time.perf_counter() - t0, "rollout_s": rollout_s,
+                          "teacher_s": stats["teacher_s"], "student_s": update_s - stats["teacher_s"],
+                          "student_tokens": sum(len(t.ids) for t in trajs), "privileged_tokens": sum(privileged),
+                          "agent_tokens": sum(sum(t.agent_mask) for t in trajs), "won": sum(t.reward > 0 for t in trajs)})
+    total = {k: round(sum(s[k] for s in steps), 1) for k in steps[0]}
+    total.update(overrides=overrides, steps=args.steps, dtype=str(next(trainer.model.parameters()).dtype).split(".")[-1],
+                 dialogues_per_min=round(60 * total["dialogues"] / total["step_s"], 2), threads=torch.get_num_threads())
+    print(json.dumps(total))
+
+
+def bench_step(args):
+    now = args.step_overrides if args.step_overrides is not None else []
+    rows = {}
+    for name, overrides in (("before", [*args.step_common, *STEP_BEFORE]), ("now", [*args.step_common, *now])):
+        print(f"{name}: {args.steps} training steps, overrides {' '.join(overrides) or '(config.yaml as shipped)'} ...",
+              file=sys.stderr, flush=True)
+        cmd = [sys.executable, os.path.abspath(__file__), "--step-one", json.dumps(overrides), "--steps", str(args.steps)]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode != 0:
+            raise SystemExit(f"bench step '{name}' failed:\n{out.stderr[-2000:]}")
+        rows[name] = json.loads(out.stdout.strip().splitlines()[-1])
+    head = f"{'setting':8s} {'dtype':9s} {'calls':>5s} {'step s':>7s} {'rollout':>8s} {'teacher':>8s} {'student':>8s} " \
+           f"{'calls/min':>9s} {'tokens student / privileged / agent':>36s}"
+    print(f"\nSAVPO training steps from the shipped warm start, cpu x{rows['now']['threads']} ({args.steps} steps each)")
+    print(head)
+    print("-" * len(head))
+    for name, r in rows.items():
+        tokens = f"{r['student_tokens']:.0f} / {r['privileged_tokens']:.0f} / {r['agent_tokens']:.0f}"
+        print(f"{name:8s} {r['dtype']:9s} {r['dialogues']:5.0f} {r['step_s']:7.1f} {r['rollout_s']:8.1f} {r['teacher_s']:8.1f} "
+              f"{r['student_s']:8.1f} {r['dialogues_per_min']:9.2f} {tokens:>36s}")
+    summary = {"mode": "step", **{f"{name}_{k}": v for name, r in rows.items() for k, v in r.items()},
+               "speedup_dialogues_per_min": round(rows["now"]["dialogues_per_min"] / rows["before"]["dialogues_per_min"], 2)}
+    print(json.dumps(summary))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dialogues", type=config.positive_int, default=16)
@@ -423,6 +491,8 @@ def main():
     parser.add_argument("--model", default=lm.EMBEDDED)
     parser.add_argument("--arch", choices=sorted(ARCHS), help="random-init model of this architecture")
     parser.add_argument("--quantization", default="none", choices=["none", "4bit", "8bit"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="the models' dtype (auto: lm.pick_dtype; float32 for identical dialogues across paths)")
     parser.add_argument("--methods", default=None, help="default kv,kv_compiled,generate_batched,generate_single "
                         "(+ generate_static on CUDA: a static compiled cache, the strongest plain baseline)")
     parser.add_argument("--write-model", metavar="DIR", help="with --arch: write a random-weight model folder and exit")
@@ -432,10 +502,20 @@ def main():
     parser.add_argument("--endpoint", help="--health: an OpenAI-compatible base URL to use instead of starting "
                         "`transformers serve` here")
     parser.add_argument("--endpoint-model", help="--health with --endpoint: the model name it serves")
+    parser.add_argument("--step", action="store_true", help="training dialogues per minute: today's default step vs "
+                        "the one before it (float32, 8 calls a step)")
+    parser.add_argument("--steps", type=config.positive_int, default=2, help="--step: training steps per setting")
+    parser.add_argument("--step-overrides", nargs="*", help="--step: key=value settings for 'now' instead of config.yaml's")
+    parser.add_argument("--step-common", nargs="*", default=[], help="--step: key=value settings for both (e.g. another model)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--step-one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         return child(args)
+    if args.step_one is not None:
+        return step_child(args)
+    if args.step:
+        return bench_step(args)
     if args.env:
         return bench_env(args)
     if args.health:

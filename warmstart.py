@@ -214,6 +214,7 @@ def release(cfg, src, dest=RELEASE, command="python warmstart.py --release"):
             "command": command, "seed": cfg["seed"], "warmstart": cfg["warmstart"],
             "weights": "adapter/adapter_model.safetensors", "sha256": hashlib.sha256(blob).hexdigest(),
             "bytes": len(blob), "dtype": "float16", "median_relative_rounding": round(drift, 6),
+            "train_dtype": str(lm.pick_dtype(cfg["model"]["dtype"], lm.pick_device(cfg["model"]["device"]))).split(".")[-1],
             "cross_entropy_by_epoch": [e["loss"] for e in epochs], "agent_tokens": epochs[-1]["agent_tokens"],
             "elapsed_s": epochs[-1]["elapsed_s"], "made": datetime.date.today().isoformat(),
             "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, "
@@ -238,7 +239,8 @@ def main(argv=None):
     print(f"adapter: {path}; use it with model.warm_start={path}")
     if flags.get("release"):
         cfg["model"]["warm_start"] = os.path.relpath(os.path.join(RELEASE, "adapter"), config.HERE)
-        print(f"the shipped warm start, rebuilt: {release(cfg, cfg['warmstart']['out_dir'])}")
+        command = " ".join(["python warmstart.py", *(argv if argv is not None else sys.argv[1:])])
+        print(f"the shipped warm start, rebuilt: {release(cfg, cfg['warmstart']['out_dir'], command=command)}")
 
 
 if __name__ == "__main__":

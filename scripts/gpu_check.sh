@@ -36,7 +36,7 @@ if ls .whl/*.whl >/dev/null 2>&1 && ! python -c "import bitsandbytes, peft, gguf
 fi
 
 if [ $SMOKE = 1 ]; then
-  ARCH_A=tiny-qwen3; ARCH_B=tiny-qwen3; QUANT=none; SIZE="--dialogues 4 --turns 2 --policy-tokens 8 --user-tokens 6"
+  ARCH_A=tiny-qwen3; ARCH_B=tiny-qwen3; QUANT=none; SIZE="--dialogues 4 --turns 2 --policy-tokens 8 --user-tokens 6 --dtype float32"
   METHODS_A=kv,kv_compiled,generate_batched; LIMIT=300; STEPS=1
   TRAIN="train.personas_per_step=2 train.group_size=2 simulator.max_turns=2 rollout.max_new_tokens=8"
 else

@@ -42,3 +42,23 @@ def test_the_gpu_check_runs_every_step_and_writes_one_json(tmp_path):
     bench = report["bench_a"]["result"]
     assert bench["identical_dialogues"] is True and bench["kv_compiled_tok_s"] > 0
     assert report["savpo"]["steps"][0]["step_s"] > 0 and report["savpo"]["steps"][0]["peak_mem_gb"] > 0
+
+
+def test_bench_step_times_the_old_and_the_new_default_step(tiny_dir):
+    """`bench.py --step`: the step as it was (float32, 2 personas x G 4) beside config.yaml's (G 8), each a real
+    savpo.Trainer step in its own process, one JSON line last with the split and the ratio."""
+    import json
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "bench.py", "--step", "--steps", "1", "--step-common",
+                           f"model.name_or_path={tiny_dir}", "model.warm_start=", "simulator.appraiser=lexical",
+                           "rollout.max_new_tokens=4", "simulator.max_turns=2", "personas.curriculum_steps=0"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["before_dialogues"] == 8 and result["now_dialogues"] == 16
+    assert result["before_dtype"] == "float32"
+    for name in ("before", "now"):
+        assert result[f"{name}_privileged_tokens"] > result[f"{name}_student_tokens"] > result[f"{name}_agent_tokens"] > 0
+        assert result[f"{name}_step_s"] >= result[f"{name}_rollout_s"] + result[f"{name}_teacher_s"] > 0
+    assert result["speedup_dialogues_per_min"] == round(result["now_dialogues_per_min"] / result["before_dialogues_per_min"], 2)

@@ -51,3 +51,13 @@ def test_lora_adapter_off_is_the_base(tiny_model, cfg):
     with lm.adapter_off(model):
         assert torch.allclose(model(x).logits, base)
     assert lm.count_base_parameters(model) == n_base     # the adapter adds LoRA matrices, not a model
+
+
+def test_auto_dtype_is_bfloat16_only_where_the_cpu_multiplies_it_natively(monkeypatch):
+    """`model.dtype: auto`: bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16 / AMX), float32 on other
+    CPUs, where bf16 is emulated and slower; a dtype named explicitly is used as given."""
+    monkeypatch.setattr(lm, "cpu_has_native_bf16", lambda: True)
+    assert lm.pick_dtype("auto", "cpu") == torch.bfloat16 and lm.pick_dtype("float32", "cpu") == torch.float32
+    monkeypatch.setattr(lm, "cpu_has_native_bf16", lambda: False)
+    assert lm.pick_dtype("auto", "cpu") == torch.float32 and lm.pick_dtype("bfloat16", "cpu") == torch.bfloat16
+    assert lm.pick_dtype("auto", "cuda") == torch.bfloat16

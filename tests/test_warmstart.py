@@ -127,6 +127,10 @@ def test_the_warm_start_learns_its_calls_and_folds_into_the_weights(tiny_dir, tm
     _, merged = lm.load_model({**cfg["model"], "warm_start": path})
     ids = torch.tensor([lm.encode(tok, "Hello, is the commission a worry?")])
     assert torch.allclose(with_adapter(ids).logits, merged(ids).logits, atol=1e-4)
+    # in bfloat16 the adapter is folded into the float32 weights first, then rounded once
+    _, merged16 = lm.load_model({**cfg["model"], "dtype": "bfloat16", "warm_start": path})
+    for (name, a), b in zip(merged.state_dict().items(), merged16.state_dict().values()):
+        assert b.dtype == torch.bfloat16 and torch.equal(a.to(torch.bfloat16), b), name
     with pytest.raises(lm.ModelError, match="warm_start"):
         lm.load_model({**cfg["model"], "warm_start": str(tmp_path / "nowhere")})
     # the release: float16 weights its manifest hashes, the config it was made with, the same policy to rounding
@@ -136,6 +140,7 @@ def test_the_warm_start_learns_its_calls_and_folds_into_the_weights(tiny_dir, tm
     manifest = json.load(open(os.path.join(released, "MANIFEST.json")))
     blob = open(os.path.join(released, manifest["weights"]), "rb").read()
     assert hashlib.sha256(blob).hexdigest() == manifest["sha256"] and manifest["cross_entropy_by_epoch"] == losses
+    assert manifest["train_dtype"] == "float32"                    # what a rebuild must pass as model.dtype
     from safetensors.torch import load_file
     assert {t.dtype for t in load_file(os.path.join(released, manifest["weights"])).values()} == {torch.float16}
     _, shipped = lm.load_model({**cfg["model"], "warm_start": os.path.join(released, "adapter")})
