@@ -12,10 +12,11 @@ disabled (`adapter_off`). `model.name_or_path` may be
   fails at once with a message naming the embedded default).
 
 Quantisation `4bit` (bitsandbytes NF4 + double quant), `8bit` or `none`; `dtype: auto` picks
-bfloat16 on CUDA and, on the CPU, the dtype that measured fastest for generation (docs/scaling.md, "Precision on the CPU").
+bfloat16 on CUDA and on CPUs that multiply it natively, float32 on other CPUs (docs/scaling.md, "Precision on the CPU").
 """
 
 import contextlib
+import functools
 import importlib.util
 import json
 import logging
@@ -233,9 +234,10 @@ def load_adapter(model, path, name="default", what="--adapter"):
     return model
 
 
-def add_lora(model, lora_cfg, gradient_checkpointing=False):
+def add_lora(model, lora_cfg, gradient_checkpointing=False, lora_autocast=True):
     """Wrap the base in a PEFT LoRA adapter named 'default' (the policy). Quantised bases are
-    prepared for k-bit training first (QLoRA)."""
+    prepared for k-bit training first (QLoRA). PEFT keeps the adapter in float32 over a bfloat16 or
+    float16 base; `lora_autocast` then runs its branches in the base's dtype (`lora_in_base_dtype`)."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
@@ -246,6 +248,41 @@ def add_lora(model, lora_cfg, gradient_checkpointing=False):
                         target_modules=lora_cfg["target_modules"], task_type="CAUSAL_LM")
     model = get_peft_model(model, config)
     model.eval()
+    return lora_in_base_dtype(model) if lora_autocast else model
+
+
+def lora_in_base_dtype(model):
+    """Fast path: a float32 adapter over a bfloat16 / float16 base computes in the base's dtype.
+
+    PEFT keeps the adapter's weights float32 (for the optimizer) and so, in every adapted projection,
+    casts the (B, T, d) activation up to float32, runs the two thin LoRA products, and casts the sum
+    back down: three copies of an activation per projection per pass, 11% of a bf16 training step's
+    CPU time (torch profiler, docs/savpo.md). Here the base's own `forward` runs under `torch.autocast`
+    in the base dtype with PEFT's input cast off, so the small adapter matrices are cast down instead
+    (autocast caches them for the pass) and activations never change dtype -- what accelerate does to a
+    model's forward for mixed precision. The adapter's parameters, gradients and optimizer state stay
+    float32; the base's own products were already in its dtype, so with the adapter off (or zero) the
+    logits are bit for bit those of the plain path. With it on they differ by bf16 rounding of the
+    rank-r product. The plain path is `add_lora(..., lora_autocast=False)`; tests/test_lm.py compares
+    the two (logits and adapter gradients). Quantised and float32 bases are returned unchanged."""
+    base = model.get_base_model()
+    dtype = base.get_input_embeddings().weight.dtype
+    quantised = getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False)
+    if dtype not in (torch.bfloat16, torch.float16) or quantised or getattr(base, "_lora_autocast", False):
+        return model
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.cast_input_dtype_enabled = False     # a flag of the layer: adapters added later share it
+    forward, device_type = base.forward, base.device.type
+
+    @functools.wraps(forward)
+    def forward_in_base_dtype(*args, **kwargs):
+        with torch.autocast(device_type, dtype=dtype):
+            return forward(*args, **kwargs)
+
+    base.forward = forward_in_base_dtype     # the innermost model: PEFT's forward and `generate` both reach it
+    base._lora_autocast = True
     return model
 
 

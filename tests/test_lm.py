@@ -61,3 +61,61 @@ def test_auto_dtype_is_bfloat16_only_where_the_cpu_multiplies_it_natively(monkey
     monkeypatch.setattr(lm, "cpu_has_native_bf16", lambda: False)
     assert lm.pick_dtype("auto", "cpu") == torch.float32 and lm.pick_dtype("bfloat16", "cpu") == torch.bfloat16
     assert lm.pick_dtype("auto", "cuda") == torch.bfloat16
+
+
+def _bf16_pair(tokenizer):
+    """The same tiny bf16 base and trained-looking adapter, on the fast path and on the plain one."""
+    from conftest import make_tiny_model
+    lora = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj", "up_proj", "down_proj"]}
+    fast = lm.add_lora(make_tiny_model(tokenizer).to(torch.bfloat16), lora)
+    plain = lm.add_lora(make_tiny_model(tokenizer).to(torch.bfloat16), lora, lora_autocast=False)
+    torch.manual_seed(1)
+    for (n, p), (_, q) in zip(fast.named_parameters(), plain.named_parameters()):
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.3)
+        q.data.copy_(p.data)
+    return fast, plain
+
+
+def test_lora_in_base_dtype_matches_the_plain_path(tokenizer):
+    """The fast path (adapter branches under autocast in the base's bf16) against PEFT's casts: with the
+    adapter off or zero the logits are bit for bit the same, with it on they agree to bf16 rounding,
+    and so do the float32 adapter's gradients."""
+    fast, plain = _bf16_pair(tokenizer)
+    assert fast.get_base_model()._lora_autocast and not getattr(plain.get_base_model(), "_lora_autocast", False)
+    lora_dtypes = {p.dtype for n, p in fast.named_parameters() if "lora_" in n}
+    assert lora_dtypes == {torch.float32}                      # the optimizer still steps float32 weights
+    torch.manual_seed(0)
+    ids = torch.randint(0, 1000, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0
+    with lm.adapter_off(fast), lm.adapter_off(plain):
+        assert torch.equal(fast(ids, attention_mask=mask).logits, plain(ids, attention_mask=mask).logits)
+    with lm.start_policy(fast), lm.start_policy(plain):           # a zero adapter added later: the same flag
+        assert torch.equal(fast(ids, attention_mask=mask).logits, plain(ids, attention_mask=mask).logits)
+    with lm.adapter_off(plain):
+        base = plain(ids, attention_mask=mask).logits.float()
+    fast.train(), plain.train()
+    out = {}
+    for name, model in (("fast", fast), ("plain", plain)):
+        logits = model(ids, attention_mask=mask).logits
+        assert logits.dtype == torch.bfloat16
+        loss = lm.token_logprobs(logits[:, :-1], ids[:, 1:]).mean()
+        loss.backward()
+        grads = torch.cat([p.grad.flatten() for n, p in model.named_parameters() if "lora_" in n])
+        assert grads.dtype == torch.float32 and grads.abs().sum() > 0
+        out[name] = (logits.float().detach(), grads)
+    (lf, gf), (lp, gp) = out["fast"], out["plain"]
+    moved = (lp - base).abs().mean()
+    assert moved > 0.05                                        # the adapter matters ...
+    assert (lf - lp).abs().mean() < 0.1 * moved                # ... and both paths apply the same one
+    assert torch.nn.functional.cosine_similarity(gf, gp, dim=0) > 0.99
+    assert (gf.norm() / gp.norm() - 1).abs() < 0.05
+
+
+def test_lora_in_base_dtype_leaves_float32_and_the_plain_path_alone(tokenizer, tiny_model, cfg):
+    model = lm.add_lora(tiny_model, cfg["lora"])                # a float32 base: nothing to speed up
+    assert not getattr(model.get_base_model(), "_lora_autocast", False)
+    _, plain = _bf16_pair(tokenizer)
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    assert all(m.cast_input_dtype_enabled for m in plain.modules() if isinstance(m, BaseTunerLayer))
