@@ -186,6 +186,17 @@ def test_the_long_cpu_preset_warm_starts_with_the_guide_note_and_refuses_a_misma
         W.resolve(config.load("presets/cpu_long.yaml", common))
 
 
+def test_the_comparison_preset_trains_128_dialogues_a_run_from_the_shipped_warm_start():
+    """presets/compare.yaml (issue 31's comparison): at least 128 training dialogues a run, one-concern
+    personas throughout, from the shipped warm start; each run's own final comparison is kept small."""
+    cfg = config.load("presets/compare.yaml")
+    t = cfg["train"]
+    assert t["steps"] * t["personas_per_step"] * t["group_size"] >= 128
+    assert cfg["personas"]["curriculum_steps"] >= t["steps"]
+    assert cfg["personas"]["eval_n"] * cfg["personas"]["eval_samples"] <= 4
+    assert os.path.abspath(W.resolve(cfg)["model"]["warm_start"]) == os.path.join(W.RELEASE, "adapter")
+
+
 def test_the_shipped_warm_start_is_the_one_its_manifest_names_and_fits_the_default_config():
     """data/warmstart/: the adapter config.yaml starts every run from. Its weights are the file MANIFEST.json
     hashes (a rebuilt or edited file shows), at most 5 MB, and it was made for the default config's MUST_MATCH
