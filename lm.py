@@ -264,7 +264,8 @@ def lora_in_base_dtype(model):
     float32; the base's own products were already in its dtype, so with the adapter off (or zero) the
     logits are bit for bit those of the plain path. With it on they differ by bf16 rounding of the
     rank-r product. The plain path is `add_lora(..., lora_autocast=False)`; tests/test_lm.py compares
-    the two (logits and adapter gradients). Quantised and float32 bases are returned unchanged."""
+    the two (logits and adapter gradients). Quantised and float32 bases are returned unchanged. A caller
+    that reaches the decoder below the base's `forward` (TRL does) must keep PEFT's casts: lora_autocast=False."""
     base = model.get_base_model()
     dtype = base.get_input_embeddings().weight.dtype
     quantised = getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False)
