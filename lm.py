@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import shutil
+import types
 import warnings
 
 import torch
@@ -264,8 +265,11 @@ def lora_in_base_dtype(model):
     float32; the base's own products were already in its dtype, so with the adapter off (or zero) the
     logits are bit for bit those of the plain path. With it on they differ by bf16 rounding of the
     rank-r product. The plain path is `add_lora(..., lora_autocast=False)`; tests/test_lm.py compares
-    the two (logits and adapter gradients). Quantised and float32 bases are returned unchanged. A caller
-    that reaches the decoder below the base's `forward` (TRL does) must keep PEFT's casts: lora_autocast=False."""
+    the two (logits and adapter gradients). Quantised and float32 bases are returned unchanged.
+
+    Each adapted layer skips PEFT's input cast only while autocast is on (`_cast_unless_autocast`), so a
+    caller that enters below the base's `forward` (TRL calls the decoder directly) gets PEFT's casts and
+    the plain path's numbers, never a dtype mismatch."""
     base = model.get_base_model()
     dtype = base.get_input_embeddings().weight.dtype
     quantised = getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False)
@@ -273,8 +277,8 @@ def lora_in_base_dtype(model):
         return model
     from peft.tuners.tuners_utils import BaseTunerLayer
     for module in model.modules():
-        if isinstance(module, BaseTunerLayer):
-            module.cast_input_dtype_enabled = False     # a flag of the layer: adapters added later share it
+        if isinstance(module, BaseTunerLayer):          # per layer: adapters added later share it
+            module._cast_input_dtype = types.MethodType(_cast_unless_autocast, module)
     forward, device_type = base.forward, base.device.type
 
     @functools.wraps(forward)
@@ -285,6 +289,13 @@ def lora_in_base_dtype(model):
     base.forward = forward_in_base_dtype     # the innermost model: PEFT's forward and `generate` both reach it
     base._lora_autocast = True
     return model
+
+
+def _cast_unless_autocast(layer, x, dtype):
+    """PEFT's input cast of one adapted layer, skipped while autocast is on (it casts the weights)."""
+    if x is not None and torch.is_autocast_enabled(x.device.type):
+        return x
+    return type(layer)._cast_input_dtype(layer, x, dtype)
 
 
 @contextlib.contextmanager

@@ -261,9 +261,7 @@ def build_trainer(cfg):
     random.seed(cfg["seed"])
     tokenizer, base = lm.load_model(cfg["model"])
     lm.check_context(base.config, cfg["rollout"]["max_context"], cfg["model"]["name_or_path"])
-    # PEFT's own casts: TRL reaches the decoder below the wrapped forward, where the bf16 fast path is off
-    model = lm.add_lora(base, cfg["lora"], gradient_checkpointing=cfg["train"]["gradient_checkpointing"],
-                        lora_autocast=False)
+    model = lm.add_lora(base, cfg["lora"], gradient_checkpointing=cfg["train"]["gradient_checkpointing"])
     sim_tokenizer, sim_model = tokenizer, model                # same base, adapter disabled
     if S.own_model(cfg["simulator"]["model"]):   # "" or an endpoint URL: none to load
         sim_tokenizer, sim_model = lm.load_model({**cfg["model"], "name_or_path": cfg["simulator"]["model"], "warm_start": ""})

@@ -113,6 +113,18 @@ def test_lora_in_base_dtype_matches_the_plain_path(tokenizer):
     assert (gf.norm() / gp.norm() - 1).abs() < 0.05
 
 
+def test_lora_in_base_dtype_below_the_wrapped_forward_is_the_plain_path(tokenizer):
+    """A caller that runs the decoder itself (TRL does), outside the autocast of the base's forward, gets
+    PEFT's casts back layer by layer: no dtype mismatch, and the plain path's logits bit for bit."""
+    fast, plain = _bf16_pair(tokenizer)
+    ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        below = [m.get_base_model().lm_head(m.get_base_model().model(ids).last_hidden_state) for m in (fast, plain)]
+        wrapped = fast(ids).logits
+    assert torch.equal(below[0], below[1])
+    assert not torch.equal(below[0], wrapped)      # the wrapped forward really took the autocast path
+
+
 def test_lora_in_base_dtype_leaves_float32_and_the_plain_path_alone(tokenizer, tiny_model, cfg):
     model = lm.add_lora(tiny_model, cfg["lora"])                # a float32 base: nothing to speed up
     assert not getattr(model.get_base_model(), "_lora_autocast", False)
