@@ -24,7 +24,7 @@ import personas as P
 import runfiles
 import simulator as S
 import warmstart
-from eval import METRICS, fmt, intervals, paired_difference, per_persona
+from eval import METRICS, fmt, intervals, paired_difference
 from savpo import Trainer
 
 ALGOS = ("grpo", "savpo", "distill", "refine")
@@ -68,11 +68,10 @@ def compare(config_path, overrides, seeds, n_personas, n, out, algos=ALGOS):
     tables = {}
 
     def play_table(name, privileged=None):
-        trajs, _ = evaluation.play(model, tokenizer, cfg, personas, n, cfg["seed"], privileged, sim_model, sim_tok,
-                        progress=f"eval {name}")
-        tables[name] = per_persona(trajs)
-        print(f"  {name:26s} " + "  ".join(f"{m} {fmt(v)}" for m, v in intervals(tables[name]).items()), flush=True)
-        evaluation.write_samples(trajs, os.path.join(out, f"samples_{name.replace('/', '_')}.jsonl"))    # for view.py
+        tables[name], played = evaluation.scored_play(model, tokenizer, cfg, personas, n, cfg["seed"],
+                                                      os.path.join(out, f"samples_{name.replace('/', '_')}.jsonl"),
+                                                      privileged, sim_model, sim_tok, progress=f"eval {name}")
+        print(f"  {name:26s} " + "  ".join(f"{m} {fmt(v)}" for m, v in played["intervals"].items()), flush=True)
 
     play_table("base")
     play_table(f"base+privileged({cfg['aopsd']['placement']})", cfg["aopsd"]["placement"])

@@ -275,6 +275,19 @@ def write_samples(trajs, path):
     runfiles.write_jsonl(path, (t.to_dict() for t in trajs))
 
 
+def scored_play(model, tokenizer, cfg, persona_list, n, seed, samples_path, privileged=None, sim_model=None,
+                sim_tokenizer=None, progress=False, note=None, samples_every=1):
+    """`play`, then what every held-out comparison keeps of it: the calls written to `samples_path` for
+    view.py (every `samples_every`-th), the per-persona table (the unit of the paired differences) and
+    the results (breakdown, simulator health, willingness by turn, 95% intervals). Returns (table, results)."""
+    trajs, health = play(model, tokenizer, cfg, persona_list, n, seed, privileged, sim_model, sim_tokenizer,
+                         progress=progress, note=note)
+    write_samples(trajs[::samples_every], samples_path)
+    table = per_persona(trajs)
+    return table, {**breakdown(trajs), "simulator_health": health, "willingness_by_turn": willingness_by_turn(trajs),
+                   "intervals": intervals(table)}
+
+
 # --------------------------------------------------------------------------- report
 
 def write_report(results, out_dir, title, plots=True):
@@ -488,11 +501,9 @@ def main(argv=None):
     tables = {}
 
     def record(name, privileged=None, note=None):
-        trajs, health = play(model, tokenizer, cfg, personas, args.n, seed, privileged, sim_model, sim_tok,
-                             progress=f"eval {name}", note=note)
-        tables[name] = per_persona(trajs)
-        results[name] = {**breakdown(trajs), "simulator_health": health,
-                         "willingness_by_turn": willingness_by_turn(trajs), "intervals": intervals(tables[name])}
+        tables[name], results[name] = scored_play(
+            model, tokenizer, cfg, personas, args.n, seed, os.path.join(args.out, f"samples_{name.replace('/', '_')}.jsonl"),
+            privileged, sim_model, sim_tok, progress=f"eval {name}", note=note, samples_every=args.n)
         if name != "base" and "base" in tables:
             results[name]["difference_vs_base"] = paired_difference(tables["base"], tables[name])
         ci = results[name]["intervals"]
@@ -502,7 +513,6 @@ def main(argv=None):
         if "difference_vs_base" in results[name]:
             print(f"{'':28s} minus base: revealed {fmt(results[name]['difference_vs_base']['reveal'])}  "
                   f"success {fmt(results[name]['difference_vs_base']['success'])}")
-        write_samples(trajs[::args.n], os.path.join(args.out, f"samples_{name.replace('/', '_')}.jsonl"))
         write_report(results, args.out, title, plots=False)   # each policy's results on disk as soon as it is played
 
     os.makedirs(args.out, exist_ok=True)

@@ -374,13 +374,10 @@ class Trainer:
         tables, results = {}, {}
         for name in ("base", "trained"):
             with lm.start_policy(self.model) if name == "base" else contextlib.nullcontext():
-                trajs, health = evaluation.play(self.model, self.tokenizer, self.cfg, self.eval_personas, n,
-                                                self.cfg["seed"], sim_model=self.sim_model,
-                                                sim_tokenizer=self.sim_tokenizer, progress=f"held-out {name}")
-            tables[name] = evaluation.per_persona(trajs)
-            results[name] = {**evaluation.breakdown(trajs), "simulator_health": health,
-                             "intervals": evaluation.intervals(tables[name])}
-            evaluation.write_samples(trajs, os.path.join(out, f"samples_{name}.jsonl"))
+                tables[name], results[name] = evaluation.scored_play(
+                    self.model, self.tokenizer, self.cfg, self.eval_personas, n, self.cfg["seed"],
+                    os.path.join(out, f"samples_{name}.jsonl"), sim_model=self.sim_model,
+                    sim_tokenizer=self.sim_tokenizer, progress=f"held-out {name}")
         results["trained"]["difference_vs_base"] = evaluation.paired_difference(tables["base"], tables["trained"])
         evaluation.write_report(results, out, f"{self.cfg['algo']} after {self.step} steps against the policy it "
                                 f"started from: {len(self.eval_personas)} held-out personas x {n} calls", plots=False)
