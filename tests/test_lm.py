@@ -131,3 +131,26 @@ def test_lora_in_base_dtype_leaves_float32_and_the_plain_path_alone(tokenizer, t
     _, plain = _bf16_pair(tokenizer)
     from peft.tuners.tuners_utils import BaseTunerLayer
     assert all(m.cast_input_dtype_enabled for m in plain.modules() if isinstance(m, BaseTunerLayer))
+
+
+def test_merge_rounding_measures_what_a_bf16_merge_keeps(tokenizer, tmp_path):
+    """scripts/merge_rounding.py: an update far above a bf16 weight's last place survives the merge (error
+    near 0), one far below it rounds away (error near 1, entries unchanged)."""
+    import importlib.util
+    from conftest import make_tiny_model
+    spec = importlib.util.spec_from_file_location("merge_rounding", "scripts/merge_rounding.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    lora = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "up_proj"]}
+    base = make_tiny_model(tokenizer).to(torch.bfloat16)
+    for std, folder in ((1.0, "big"), (1e-6, "small")):
+        model = lm.add_lora(make_tiny_model(tokenizer), lora)
+        torch.manual_seed(0)
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                torch.nn.init.normal_(p, std=std ** 0.5)
+        model.save_pretrained(tmp_path / folder)
+    unchanged, error = script.merge_error(base, str(tmp_path / "big"))
+    assert unchanged < 0.05 and error < 0.01
+    unchanged, error = script.merge_error(base, str(tmp_path / "small"))
+    assert unchanged > 0.95 and error > 0.95

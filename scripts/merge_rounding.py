@@ -1,0 +1,64 @@
+"""Issue 31 experiment (not used by training): how much of a LoRA adapter survives being merged into
+bfloat16 weights?
+
+Merging the policy's adapter for its decode turns would remove the LoRA branches (20% of a bf16 decode
+step, docs/savpo.md). But a merge writes W0 + scale * B @ A back in the weights' dtype, and a bf16
+weight keeps 8 significant bits: an update below half a unit in the last place of W0 rounds away.
+For each adapter this prints the share of adapted weight entries the merge leaves unchanged and the
+relative error of the merged update, |bf16(W0 + delta) - W0 - delta| / |delta| (0: exact, 1: lost).
+W0 is the base the adapter was trained on: the warm-started model for a policy adapter (default), the
+raw model for the warm start itself (--raw-base). Prints a JSON line per adapter.
+
+    python scripts/merge_rounding.py runs/NAME/checkpoints/step_000008/adapter
+    python scripts/merge_rounding.py --raw-base data/warmstart/adapter
+"""
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import config      # noqa: E402
+import lm          # noqa: E402
+import warmstart   # noqa: E402
+
+
+def merge_error(model, adapter_dir, dtype=torch.bfloat16):
+    """(share of entries unchanged, relative error of the merged update) over every adapted projection."""
+    from safetensors.torch import load_file
+    with open(os.path.join(adapter_dir, "adapter_config.json")) as f:
+        adapter = json.load(f)
+    scale = adapter["lora_alpha"] / adapter["r"]
+    state = load_file(os.path.join(adapter_dir, "adapter_model.safetensors"))
+    unchanged = entries = delta_sq = error_sq = 0.0
+    for key, a in state.items():
+        if ".lora_A." not in key:
+            continue
+        b = state[key.replace(".lora_A.", ".lora_B.")]
+        w0 = model.get_submodule(key.removeprefix("base_model.model.").split(".lora_A.")[0]).weight.detach().float()
+        delta = scale * (b.float() @ a.float())
+        merged = (w0 + delta).to(dtype).float()
+        unchanged += (merged == w0.to(dtype).float()).sum().item()
+        entries += w0.numel()
+        delta_sq += delta.square().sum().item()
+        error_sq += (merged - w0 - delta).square().sum().item()
+    return unchanged / entries, (error_sq / delta_sq) ** 0.5
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("adapters", nargs="+", help="LoRA adapter folders (adapter_config.json + safetensors)")
+    parser.add_argument("--raw-base", action="store_true", help="measure against the model without its warm start")
+    args = parser.parse_args()
+    overrides = ["model.dtype=bfloat16"] + (["model.warm_start="] if args.raw_base else [])
+    cfg = config.load(None, overrides)
+    _, model = lm.load_model((cfg if args.raw_base else warmstart.resolve(cfg))["model"])
+    for path in args.adapters:
+        unchanged, error = merge_error(model, path)
+        print(json.dumps({"adapter": path, "entries_unchanged": round(unchanged, 3), "relative_error": round(error, 3)}))
+
+
+if __name__ == "__main__":
+    main()
