@@ -130,7 +130,8 @@ def test_lora_in_base_dtype_leaves_float32_and_the_plain_path_alone(tokenizer, t
     assert not getattr(model.get_base_model(), "_lora_autocast", False)
     _, plain = _bf16_pair(tokenizer)
     from peft.tuners.tuners_utils import BaseTunerLayer
-    assert all(m.cast_input_dtype_enabled for m in plain.modules() if isinstance(m, BaseTunerLayer))
+    assert all(m.cast_input_dtype_enabled and "_cast_input_dtype" not in vars(m)
+               for m in plain.modules() if isinstance(m, BaseTunerLayer))
 
 
 def test_merge_rounding_measures_what_a_bf16_merge_keeps(tokenizer, tmp_path):
