@@ -52,6 +52,10 @@ def main():
     parser.add_argument("adapters", nargs="+", help="LoRA adapter folders (adapter_config.json + safetensors)")
     parser.add_argument("--raw-base", action="store_true", help="measure against the model without its warm start")
     args = parser.parse_args()
+    for path in args.adapters:     # before the model loads
+        if not all(os.path.isfile(os.path.join(path, f)) for f in ("adapter_config.json", "adapter_model.safetensors")):
+            raise SystemExit(f"merge_rounding: {path} is not a LoRA adapter folder (it needs adapter_config.json and "
+                             f"adapter_model.safetensors); give a checkpoint's, e.g. runs/NAME/checkpoints/step_000008/adapter.")
     overrides = ["model.dtype=bfloat16"] + (["model.warm_start="] if args.raw_base else [])
     cfg = config.load(None, overrides)
     _, model = lm.load_model((cfg if args.raw_base else warmstart.resolve(cfg))["model"])
