@@ -7,7 +7,14 @@ weight keeps 8 significant bits: an update below half a unit in the last place o
 For each adapter this prints the share of adapted weight entries the merge leaves unchanged and the
 relative error of the merged update, |bf16(W0 + delta) - W0 - delta| / |delta| (0: exact, 1: lost).
 W0 is the base the adapter was trained on: the warm-started model for a policy adapter (default), the
-raw model for the warm start itself (--raw-base). Prints a JSON line per adapter.
+raw model for the warm start itself (--raw-base).
+
+What decoding sees is the logits, so the same question is also asked there, on the first expert call
+of data/logs/sales_logs.jsonl (chat template, first 700 tokens): the adapter's effect in float32,
+e = logits(W0 + adapter) - logits(W0), against what bf16 keeps of it, unmerged (the training path,
+`lm.lora_in_base_dtype`) and merged: the projection <d, e> / <e, e> of each bf16 effect d (1: all of
+it kept), and bf16's own rounding noise, mean |logits_bf16(W0) - logits_fp32(W0)|, beside mean |e|.
+Prints a JSON line per adapter.
 
     python scripts/merge_rounding.py runs/NAME/checkpoints/step_000008/adapter
     python scripts/merge_rounding.py --raw-base data/warmstart/adapter
@@ -47,6 +54,31 @@ def merge_error(model, adapter_dir, dtype=torch.bfloat16):
     return unchanged / entries, (error_sq / delta_sq) ** 0.5
 
 
+def logits_kept(base32, base16, adapter_dir, ids):
+    """The adapter's float32 logit effect and the share of it bf16 keeps, unmerged and merged (module doc)."""
+    def logits(model):
+        with torch.no_grad():
+            return model(ids).logits[0].float()
+
+    def kept(effect16, effect):
+        return round(float((effect16 * effect).sum() / effect.square().sum()), 3)
+
+    plain32, plain16 = logits(base32), logits(base16)
+    effect = logits(lm.load_adapter(base32, adapter_dir)) - plain32
+    adapted16 = lm.lora_in_base_dtype(lm.load_adapter(base16, adapter_dir))
+    unmerged = logits(adapted16) - plain16
+    merged = logits(adapted16.merge_and_unload()) - plain16
+    return {"effect_mean_abs": round(float(effect.abs().mean()), 4),
+            "bf16_noise_mean_abs": round(float((plain16 - plain32).abs().mean()), 4),
+            "kept_unmerged_bf16": kept(unmerged, effect), "kept_merged_bf16": kept(merged, effect)}
+
+
+def expert_call_ids(tokenizer, n_tokens=700):
+    with open("data/logs/sales_logs.jsonl") as f:
+        messages = json.loads(f.readline())["messages"]
+    return torch.tensor([tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"][:n_tokens]])
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("adapters", nargs="+", help="LoRA adapter folders (adapter_config.json + safetensors)")
@@ -58,10 +90,15 @@ def main():
                              f"adapter_model.safetensors); give a checkpoint's, e.g. runs/NAME/checkpoints/step_000008/adapter.")
     overrides = ["model.dtype=bfloat16"] + (["model.warm_start="] if args.raw_base else [])
     cfg = config.load(None, overrides)
-    _, model = lm.load_model((cfg if args.raw_base else warmstart.resolve(cfg))["model"])
+    model_cfg = (cfg if args.raw_base else warmstart.resolve(cfg))["model"]
+    tokenizer, model = lm.load_model(model_cfg)
+    ids = expert_call_ids(tokenizer)
     for path in args.adapters:
         unchanged, error = merge_error(model, path)
-        print(json.dumps({"adapter": path, "entries_unchanged": round(unchanged, 3), "relative_error": round(error, 3)}))
+        row = {"adapter": path, "entries_unchanged": round(unchanged, 3), "relative_error": round(error, 3)}
+        # fresh copies each time: loading and merging an adapter changes the model it is loaded on
+        row.update(logits_kept(lm.load_model({**model_cfg, "dtype": "float32"})[1], lm.load_model(model_cfg)[1], path, ids))
+        print(json.dumps(row))
 
 
 if __name__ == "__main__":

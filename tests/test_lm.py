@@ -155,3 +155,10 @@ def test_merge_rounding_measures_what_a_bf16_merge_keeps(tokenizer, tmp_path):
     assert unchanged < 0.05 and error < 0.01
     unchanged, error = script.merge_error(base, str(tmp_path / "small"))
     assert unchanged > 0.95 and error > 0.95
+    ids = torch.randint(0, 1000, (1, 24), generator=torch.Generator().manual_seed(0))
+    fresh = lambda: (make_tiny_model(tokenizer), make_tiny_model(tokenizer).to(torch.bfloat16))
+    big = script.logits_kept(*fresh(), str(tmp_path / "big"), ids)
+    assert big["effect_mean_abs"] > 10 * big["bf16_noise_mean_abs"]
+    assert abs(big["kept_unmerged_bf16"] - 1) < 0.1 and abs(big["kept_merged_bf16"] - 1) < 0.1
+    small = script.logits_kept(*fresh(), str(tmp_path / "small"), ids)
+    assert small["kept_merged_bf16"] < 0.5        # the merge rounded the update away
