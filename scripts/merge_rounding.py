@@ -20,13 +20,15 @@ Prints a JSON line per adapter.
     python scripts/merge_rounding.py --raw-base data/warmstart/adapter
 """
 import argparse
+import copy
 import json
 import os
 import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 import config      # noqa: E402
 import lm          # noqa: E402
 import warmstart   # noqa: E402
@@ -74,7 +76,7 @@ def logits_kept(base32, base16, adapter_dir, ids):
 
 
 def expert_call_ids(tokenizer, n_tokens=700):
-    with open("data/logs/sales_logs.jsonl") as f:
+    with open(os.path.join(ROOT, "data", "logs", "sales_logs.jsonl")) as f:
         messages = json.loads(f.readline())["messages"]
     return torch.tensor([tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"][:n_tokens]])
 
@@ -92,12 +94,13 @@ def main():
     cfg = config.load(None, overrides)
     model_cfg = (cfg if args.raw_base else warmstart.resolve(cfg))["model"]
     tokenizer, model = lm.load_model(model_cfg)
+    model32 = lm.load_model({**model_cfg, "dtype": "float32"})[1]
     ids = expert_call_ids(tokenizer)
     for path in args.adapters:
         unchanged, error = merge_error(model, path)
         row = {"adapter": path, "entries_unchanged": round(unchanged, 3), "relative_error": round(error, 3)}
-        # fresh copies each time: loading and merging an adapter changes the model it is loaded on
-        row.update(logits_kept(lm.load_model({**model_cfg, "dtype": "float32"})[1], lm.load_model(model_cfg)[1], path, ids))
+        # copies: loading and merging an adapter changes the model it is loaded on
+        row.update(logits_kept(copy.deepcopy(model32), copy.deepcopy(model), path, ids))
         print(json.dumps(row))
 
 
