@@ -271,6 +271,8 @@ _RESTRICTION = re.compile(r"\b(only (?:for|if|when|once|after|applies|apply|avai
                           r"on condition|unless|until you(?:'ve| have)\b|once you(?:'ve| have)|after you(?:'ve| have)|"
                           r"you(?:'d| would| will|'ll)? (?:need|have) to|must|required|requires|have to|has to|"
                           r"not (?:for|available to|everyone)|doesn't apply|does not apply|excluded?|except)\b")
+# the restrictions that say something is needed: negated anywhere earlier in their clause ('no card fee is required')
+_REQUIREMENT = re.compile(r"\b(required|requires|must|need|have to|has to)\b")
 
 
 _CONDITIONAL = re.compile(r"\b(only|until|once|if|must|after|unless|provided|when)\b")
@@ -431,8 +433,11 @@ def _check_claim(claim, primary, concerns, book, numbers):
         # get an account manager once you've been with us a year'): false, unless what follows the condition
         # is itself true ('only for your first four weeks'); "you don't have to claim it" restricts nothing
         twist = _RESTRICTION.search(low)
+        # a requirement is negated anywhere earlier in its clause ('no separate card fee is required'), any
+        # other condition only close before it ("you don't have to claim it", not 'no fee, only for partners')
+        window = None if twist and _REQUIREMENT.search(twist.group(0)) else 3
         if twist and cid in primary and not book[cid]["conditional"] and not _ABOUT_THE_WORLD.search(low) \
-                and not _negated(low, twist.start(), window=3):
+                and not _negated(low, twist.start(), window=window):
             after = [f for f in _figures_at(low) if f[4] >= twist.start() and not f[5]]
             if not any(_matches(f, g) for f in after for g in book[cid]["figures"]):
                 false.add(cid)

@@ -86,6 +86,11 @@ def verdict(domain, sentence, concern):
     ("merchant_recruitment", "Busy mode can only be used for 15 minutes at a time.", "rush_hour_overload", "false"),
     ("courier_recruitment", "The $18 guarantee is only for your first four weeks.", "income_stability", "true"),
     ("courier_recruitment", "You don't have to claim the weather bonus, it's automatic.", "bad_weather", "true"),
+    # a requirement denied earlier in its clause adds no condition; one said after a comma or a 'but' does
+    ("merchant_recruitment", "No separate card fee is required, because card processing involves no separate fee.",
+     "hidden_deductions", "neither"),
+    ("merchant_recruitment", "No, a card fee is required.", "hidden_deductions", "false"),
+    ("merchant_recruitment", "There's no lock-in, but a month's notice is required.", "contract_lockin", "false"),
     # the price does rise after the promotion (the bank once listed 'go up' as ruled out)
     ("broadband_switch", "Your bill won't go up at all, not even after the first year.", "price_after_promo", "false"),
     ("broadband_switch", "The price is fixed, with no rises during the term.", "price_after_promo", "neither"),
