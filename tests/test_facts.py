@@ -91,6 +91,9 @@ def verdict(domain, sentence, concern):
      "hidden_deductions", "neither"),
     ("merchant_recruitment", "No, a card fee is required.", "hidden_deductions", "false"),
     ("merchant_recruitment", "There's no lock-in, but a month's notice is required.", "contract_lockin", "false"),
+    # ... and a requirement the fact asserts, denied, is a lie (the bank lists the engineer's visit)
+    ("broadband_switch", "No engineer visit is required.", "installation_hassle", "false"),
+    ("broadband_switch", "There's no installation fee at all; the engineer's visit is free.", "installation_hassle", "true"),
     # the price does rise after the promotion (the bank once listed 'go up' as ruled out)
     ("broadband_switch", "Your bill won't go up at all, not even after the first year.", "price_after_promo", "false"),
     ("broadband_switch", "The price is fixed, with no rises during the term.", "price_after_promo", "neither"),
