@@ -75,7 +75,7 @@ RANGES = {
     "rollout.max_new_tokens": ">= 1", "rollout.temperature": ">= 0", "rollout.top_p": "(0, 1]",
     "rollout.max_context": ">= 2", "rollout.wave_rows": ">= 0",
     "train.steps": ">= 1", "train.personas_per_step": ">= 1", "train.group_size": ">= 1", "train.epochs": ">= 1",
-    "train.micro_batch": ">= 1", "train.lr": "> 0", "train.warmup_steps": ">= 0", "train.weight_decay": ">= 0",
+    "train.minibatches": ">= 1", "train.micro_batch": ">= 1", "train.lr": "> 0", "train.warmup_steps": ">= 0", "train.weight_decay": ">= 0",
     "personas.curriculum_steps": ">= 0", "warmstart.calls": ">= 1", "warmstart.epochs": ">= 1", "warmstart.lr": "> 0", "warmstart.micro_batch": ">= 1",
     "train.grad_clip": "> 0", "train.eval_every": ">= 0", "train.save_every": ">= 0", "train.samples_every": ">= 0",
     "stpr.coef": ">= 0", "stpr.beta": ">= 0", "stpr.eps_low": "[0, 1)", "stpr.eps_high": ">= 0", "stpr.ref_kl": ">= 0",

@@ -247,13 +247,20 @@ class Trainer:
         return step_advantages(trajs, self.cfg["stpr"])
 
     def update(self, trajs, per_turn_adv, step):
-        """`train.epochs` passes of micro-batched updates over this step's rollouts, one optimizer step
-        per pass. Every normaliser is the whole step's: the PG term is a token mean over the step's
-        agent tokens (each micro-batch's token mean scaled by its token share, TRL's `dapo`), the AOPSD
-        term a weighted turn mean over the step's turns. So the gradient does not depend on
-        `train.micro_batch`. The "old" log-probs of the ratio are the first pass's own, detached (all
-        micro-batches of a pass see the same weights): the first ratio is exactly 1 in any dtype.
-        Fills `self.turn_divergence` {trajectory index: {turn: AOPSD divergence}} from the first pass."""
+        """`train.epochs` passes of micro-batched updates over this step's rollouts; each pass is split
+        into `train.minibatches` minibatches, each followed by one optimizer step (PPO's minibatches: more
+        steps from the same rollouts for one extra forward, below; 1 = one step per pass). Every
+        normaliser is the whole step's: the PG term is a token mean over the step's agent tokens (each
+        micro-batch's token mean scaled by its token share, TRL's `dapo`), the AOPSD term a weighted turn
+        mean over the step's turns; a minibatch's gradient is then multiplied by the number of minibatches,
+        so each optimizer step sees the size of gradient one whole pass would (TRL's `dapo` normaliser
+        with steps_per_generation > gradient_accumulation_steps). So the gradient does not depend on
+        `train.micro_batch`. The "old" log-probs of the ratio are the behaviour
+        policy's, detached: the first pass's own where no optimizer step came before (the first ratio is
+        exactly 1 in any dtype), and for the later minibatches of the first pass a forward without
+        gradient before any step (TRL's `old_per_token_logps`), since the KV-cached rollout's own
+        log-probs drift from a training forward in bf16. Fills `self.turn_divergence` {trajectory index:
+        {turn: AOPSD divergence}} from the first pass."""
         t, a, st = self.cfg["train"], self.cfg["aopsd"], self.cfg["stpr"]
         self.turn_divergence = {}
         trainable = [i for i, tr in enumerate(trajs) if sum(tr.agent_mask) > 0]
@@ -266,7 +273,7 @@ class Trainer:
         keys = ("loss", "pg_loss", "aopsd_kl", "clip_frac", "outside_frac", "ref_kl", "grad_norm", "teacher_s")
         stats = {k: 0.0 for k in keys}
         stats.update(nonfinite=0, logprob_gap_mean=0.0, logprob_gap_max=0.0)
-        old, done_epochs = {}, 0
+        old, done_passes = {}, 0
         order_rng = random.Random(f"{self.cfg['seed']}:{step}")
         # micro-batches never mix personas: the rollouts of one persona share its system prompt, which
         # `lm.selected_logits` then runs once for all of them
@@ -274,46 +281,66 @@ class Trainer:
         for g in sorted({trajs[i].group for i in work}):
             members = [i for i in work if trajs[i].group == g]
             chunks += [members[k:k + t["micro_batch"]] for k in range(0, len(members), t["micro_batch"])]
+        n_mb = max(1, min(t["minibatches"], len(chunks)))
         from tqdm import tqdm
         bar = tqdm(total=t["epochs"] * len(chunks), desc=f"step {step + 1} update", unit="micro-batch", leave=False)
         for epoch in range(t["epochs"]):
             order_rng.shuffle(chunks)
-            epoch_stats = {k: 0.0 for k in keys}
-            self.optimizer.zero_grad(set_to_none=True)
-            finite = True
-            self.model.train()
-            for chunk in chunks:
-                loss = self._micro_batch_loss(chunk, trajs, targets, per_turn_adv, weights, norm, old, epoch_stats)
-                if not torch.isfinite(loss):
-                    finite = False
-                    break
-                if loss.requires_grad:
-                    loss.backward()
-                epoch_stats["loss"] += float(loss.detach())
-                bar.update(1)
-            self.model.eval()
+            minibatches = [chunks[k * len(chunks) // n_mb:(k + 1) * len(chunks) // n_mb] for k in range(n_mb)]
+            if epoch == 0 and n_mb > 1:
+                self._behaviour_logprobs([c for mb in minibatches[1:] for c in mb], trajs, targets, old)
+            pass_stats, skipped = {k: 0.0 for k in keys}, 0
+            for minibatch in minibatches:
+                finite = True
+                self.optimizer.zero_grad(set_to_none=True)
+                self.model.train()
+                for chunk in minibatch:
+                    loss = self._micro_batch_loss(chunk, trajs, targets, per_turn_adv, weights, norm, old, pass_stats,
+                                                  first_pass=epoch == 0)
+                    if not torch.isfinite(loss):
+                        finite = False
+                        break
+                    if loss.requires_grad:
+                        (loss * n_mb).backward()
+                    pass_stats["loss"] += float(loss.detach())
+                    bar.update(1)
+                self.model.eval()
+                if not finite:
+                    self.optimizer.zero_grad(set_to_none=True)
+                    skipped += 1
+                    warnings.warn(f"step {step + 1}: non-finite loss; an update skipped, nothing written from it.")
+                    continue
+                pass_stats["grad_norm"] += float(torch.nn.utils.clip_grad_norm_(self.params, t["grad_clip"])) / n_mb
+                self.optimizer.step()
+                if a["teacher"] == "ema":
+                    self._copy_adapter("default", "ema", decay=a["ema_decay"])
             if epoch == 0:
                 gaps = torch.cat([(old[i] - torch.tensor(targets[i].logprobs)).abs() for i in old]) if old else torch.zeros(1)
                 stats["logprob_gap_mean"], stats["logprob_gap_max"] = float(gaps.mean()), float(gaps.max())
-            if not finite:
-                self.optimizer.zero_grad(set_to_none=True)
-                stats["nonfinite"] += 1
-                warnings.warn(f"step {step + 1}: non-finite loss; update skipped, nothing written from it.")
+            stats["nonfinite"] += skipped
+            if skipped:      # a pass with a skipped update is not averaged into the logged metrics
                 continue
-            epoch_stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.params, t["grad_clip"]))
-            self.optimizer.step()
-            if a["teacher"] == "ema":
-                self._copy_adapter("default", "ema", decay=a["ema_decay"])
-            done_epochs += 1
+            done_passes += 1
             for k in keys:
-                stats[k] += epoch_stats[k]
+                stats[k] += pass_stats[k]
         bar.close()
         for k in keys:   # logged as the mean over the passes that updated, not their sum
-            stats[k] /= max(1, done_epochs)
+            stats[k] /= max(1, done_passes)
         self.scheduler.step()
         return stats
 
-    def _micro_batch_loss(self, chunk, trajs, targets, per_turn_adv, weights, norm, old, stats):
+    def _behaviour_logprobs(self, chunks, trajs, targets, old):
+        """The current (behaviour) policy's log-probs of these micro-batches' agent tokens, without gradient,
+        into `old`: the ratio's reference for minibatches that run after an optimizer step."""
+        with torch.no_grad():
+            for chunk in chunks:
+                tgs = [targets[i] for i in chunk]
+                logits = policy_logits(self.model, [trajs[i] for i in chunk], tgs)
+                ids = torch.tensor([x for tg in tgs for x in tg.ids], device=logits.device)
+                logp = lm.token_logprobs(logits, ids, self.cfg["rollout"]["temperature"])
+                old.update(zip(chunk, logp.cpu().split([len(tg.positions) for tg in tgs])))
+
+    def _micro_batch_loss(self, chunk, trajs, targets, per_turn_adv, weights, norm, old, stats, first_pass):
         """The SAVPO loss of the trajectories `chunk`, on their agent tokens only (flattened to N),
         already scaled by their share of the step (see `update`)."""
         a, st = self.cfg["aopsd"], self.cfg["stpr"]
@@ -324,8 +351,7 @@ class Trainer:
         target_ids = torch.tensor([x for tg in tgs for x in tg.ids], device=device)             # (N,)
         logp = lm.token_logprobs(logits, target_ids, self.cfg["rollout"]["temperature"])        # (N,)
         sizes = [len(tg.positions) for tg in tgs]
-        first_pass = chunk[0] not in old
-        if first_pass:   # first pass: the behaviour policy's log-probs are these, detached
+        if chunk[0] not in old:   # no optimizer step yet: the behaviour policy's log-probs are these, detached
             old.update(zip(chunk, logp.detach().cpu().split(sizes)))
         old_logp = torch.cat([old[i] for i in chunk]).to(device)
         ones = torch.ones(1, len(pairs), device=device)

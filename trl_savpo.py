@@ -31,7 +31,9 @@ reusing the project's code:
      AOPSD term is divided the same way: by the step's turn-weight total, over processes and
      accumulation steps, so the gradient does not depend on how the step is split.
    - one generation batch = one step (personas_per_step x G rollouts); `gradient_accumulation_steps`
-     = `steps_per_generation` = that batch / (micro_batch x processes); `num_iterations` = epochs.
+     = `steps_per_generation` = that batch / (micro_batch x processes), divided by train.minibatches
+     for `gradient_accumulation_steps` (TRL then steps the optimizer that many times per pass and takes
+     the ratio's old log-probs from a forward before them, as savpo.py does); `num_iterations` = epochs.
    - stpr.coef scales the advantages (min(rA, clip(r)A) is linear in A >= 0), beta = stpr.ref_kl
      (TRL's k3 KL to the adapter-free base, token mean: savpo.py's `ref_kl`) with
      `use_bias_correction_kl=False` (TRL 1.16 multiplies the KL by the ratio by default: the same value,
@@ -96,19 +98,26 @@ def grpo_config(cfg, num_processes=None):
         raise config.ConfigError("config key 'aopsd.teacher' is 'ema', which trl_savpo.py does not build; "
                                  "use fixed or live (or savpo.py for the EMA teacher).")
     accumulation = rollouts // per_pass
+    if accumulation % t["minibatches"]:
+        raise config.ConfigError(
+            f"config key 'train.minibatches' is {t['minibatches']}, which does not divide the {accumulation} "
+            f"micro-batches of a step (train.personas_per_step x train.group_size / (train.micro_batch x processes)) "
+            f"as TRL needs; choose a divisor of {accumulation}.")
+    per_step = t["epochs"] * t["minibatches"]           # TRL counts optimizer steps: this many per step of rollouts
     return GRPOConfig(
         output_dir=cfg["out_dir"], seed=cfg["seed"], report_to="none", logging_steps=1,
         use_cpu=lm.pick_device(cfg["model"]["device"]) == "cpu", bf16=False, fp16=False,
-        max_steps=t["steps"] * t["epochs"],             # TRL counts optimizer steps: `epochs` per step of rollouts
+        max_steps=t["steps"] * per_step,
         num_generations=t["group_size"], per_device_train_batch_size=t["micro_batch"],
-        gradient_accumulation_steps=accumulation, steps_per_generation=accumulation, num_iterations=t["epochs"],
+        gradient_accumulation_steps=accumulation // t["minibatches"], steps_per_generation=accumulation,
+        num_iterations=t["epochs"],
         shuffle_dataset=False,
         optim="adamw_torch", learning_rate=t["lr"], weight_decay=t["weight_decay"], max_grad_norm=t["grad_clip"],
         gradient_checkpointing=False,                   # lm.add_lora turns it on from train.gradient_checkpointing
         loss_type="dapo", epsilon=st["eps_low"], epsilon_high=st["eps_high"], beta=st["ref_kl"],
         use_bias_correction_kl=False,                   # the KL as savpo.py differentiates it (docs/savpo.md, conventions)
         temperature=lm.logprob_temperature(rl["temperature"]), max_completion_length=rl["max_context"],
-        save_strategy="steps" if t["save_every"] else "no", save_steps=max(1, t["save_every"] * t["epochs"]),
+        save_strategy="steps" if t["save_every"] else "no", save_steps=max(1, t["save_every"] * per_step),
         save_total_limit=2)
 
 
@@ -144,7 +153,7 @@ def make_rollout_func(cfg, personas_by_id, simulator):
             raise ValueError(f"prompt {unknown[0]!r} is not a persona id of this run's schedule; the dataset's "
                              f"prompts must be persona ids (trl_savpo.persona_dataset).")
         rank = trainer.accelerator.process_index
-        step = trainer.state.global_step // cfg["train"]["epochs"]
+        step = trainer.state.global_step // (cfg["train"]["epochs"] * cfg["train"]["minibatches"])
         model = trainer.accelerator.unwrap_model(trainer.model)
         was_training = model.training
         model.eval()
@@ -195,9 +204,9 @@ def _trainer_class():
         def create_scheduler(self, num_training_steps, optimizer=None):
             """savpo.py's warmup: step k of rollouts runs at lr x min(1, (k + 1) / warmup_steps), constant after."""
             t = self.cfg["train"]
-            warmup, epochs = max(1, t["warmup_steps"]), t["epochs"]
+            warmup, per_step = max(1, t["warmup_steps"]), t["epochs"] * t["minibatches"]
             self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
-                optimizer or self.optimizer, lambda s: min(1.0, (s // epochs + 1) / warmup))
+                optimizer or self.optimizer, lambda s: min(1.0, (s // per_step + 1) / warmup))
             return self.lr_scheduler
 
         def _generate_and_score_completions(self, inputs):

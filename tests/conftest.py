@@ -79,7 +79,7 @@ def tiny_cfg(tiny_dir, out, *extra):
     """A two-step run on the tiny model: 2 personas x G = 2, 6 tokens a turn, 2 turns, bank lines and the
     lexical appraiser (no encoder to load), a checkpoint every step."""
     return config.load(None, [f"model.name_or_path={tiny_dir}", f"out_dir={out}", "train.steps=2",
-                              "train.personas_per_step=2", "train.group_size=2", "train.micro_batch=2",
+                              "train.personas_per_step=2", "train.group_size=2", "train.micro_batch=2", "train.minibatches=1",
                               "rollout.max_new_tokens=6", "simulator.max_turns=2", "simulator.utterance=template",
                               "simulator.appraiser=lexical", "personas.eval_n=2", "train.save_every=1",
                               "train.lr=1e-2", "aopsd.placement=system", "model.warm_start=",

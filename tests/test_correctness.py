@@ -120,6 +120,69 @@ def test_update_does_not_depend_on_micro_batching(tiny_dir, tmp_path):
                 torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6)   # fp32 summation order only
 
 
+def test_minibatches_step_per_minibatch_each_with_k_times_its_share_of_the_pass_gradient(tiny_dir, tmp_path):
+    """train.minibatches=K: K optimizer steps per pass; each sees K times its micro-batches' share of the
+    step-normalised gradient (TRL's `dapo`), so the K gradients sum to K times the one-step pass's
+    gradient (lr ~0: the weights do not move between them; no clipping)."""
+    cfg = tiny_cfg(tiny_dir, tmp_path / "mbs", "train.group_size=4", "train.micro_batch=1", "train.lr=1e-12",
+                   "train.grad_clip=1e9", "stpr.mode=additive", "simulator.max_turns=3")
+    trainer = savpo.Trainer(cfg, log=lambda *a: None)
+    trajs, _, _ = trainer.collect(0)
+    for i, t in enumerate(trajs):
+        t.decision = "accept" if i % 3 == 0 else "reject"
+    _, per_turn = trainer.advantages(trajs)
+    start = (lora_params(trainer.model), copy.deepcopy(trainer.optimizer.state_dict()))
+    real_step, real_loss = trainer.optimizer.step, trainer._micro_batch_loss
+    runs = {}
+    for k in (1, 3):
+        with torch.no_grad():
+            for n, p in trainer.model.named_parameters():
+                if n in start[0]:
+                    p.copy_(start[0][n])
+        trainer.optimizer.load_state_dict(copy.deepcopy(start[1]))
+        trainer.cfg["train"]["minibatches"] = k
+        steps, seen = [], []
+
+        def loss_recording_chunks(chunk, *args, **kw):
+            seen.append(chunk)
+            return real_loss(chunk, *args, **kw)
+
+        def step_recording_grads():
+            steps.append(([p.grad.clone() for p in trainer.params], list(seen)))
+            seen.clear()
+            real_step()
+        trainer.optimizer.step, trainer._micro_batch_loss = step_recording_grads, loss_recording_chunks
+        stats = trainer.update(trajs, per_turn, 0)
+        runs[k] = (stats, steps)
+    trainer.optimizer.step, trainer._micro_batch_loss = real_step, real_loss
+    assert len(runs[1][1]) == 1 and len(runs[3][1]) == 3
+    assert all(chunks for _, chunks in runs[3][1])                     # every minibatch holds micro-batches ...
+    assert sorted(i for _, chunks in runs[3][1] for c in chunks for i in c) == sorted(  # ... each once
+        i for c in runs[1][1][0][1] for i in c)
+    for j, full in enumerate(runs[1][1][0][0]):
+        summed = sum(grads[j] for grads, _ in runs[3][1])
+        torch.testing.assert_close(summed, 3 * full, rtol=1e-3, atol=1e-7)
+    for key in ("loss", "pg_loss", "aopsd_kl"):   # the logged metrics are the pass's, however it is split
+        assert runs[3][0][key] == pytest.approx(runs[1][0][key], rel=1e-4, abs=1e-6)
+
+
+def test_later_minibatches_ratio_against_the_behaviour_policy(tiny_dir, tmp_path):
+    """After the first minibatch's optimizer step the weights have moved; the later minibatches' "old"
+    log-probs must still be the policy that sampled the calls (a forward before any step), not the moved
+    one: in float32 they equal the rollout's own log-probs, and the moved policy's ratios leave a tiny
+    clip range (which the first minibatch's cannot)."""
+    cfg = tiny_cfg(tiny_dir, tmp_path / "old", "train.group_size=4", "train.micro_batch=1", "train.minibatches=4",
+                   "train.lr=5e-2", "stpr.eps_low=1e-6", "stpr.eps_high=1e-6", "simulator.max_turns=3")
+    trainer = savpo.Trainer(cfg, log=lambda *a: None)
+    trajs, _, _ = trainer.collect(0)
+    for i, t in enumerate(trajs):
+        t.decision = "accept" if i % 2 == 0 else "reject"
+    _, per_turn = trainer.advantages(trajs)
+    stats = trainer.update(trajs, per_turn, 0)
+    assert stats["logprob_gap_max"] < 1e-4          # every "old" log-prob is the sampling policy's
+    assert stats["outside_frac"] > 0                # and the moved policy's ratios are measured against it
+
+
 def test_logged_metrics_are_averaged_over_epochs(tiny_dir, tmp_path):
     logs = {}
     for epochs in (1, 2):

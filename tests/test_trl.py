@@ -159,21 +159,33 @@ def test_one_step_on_trl_has_the_native_loss_and_gradient(pair):
 @pytest.mark.parametrize("overrides, says", [
     (["train.group_size=1", "stpr.mode=additive"], "'train.group_size' is 1; TRL's GRPOTrainer needs >= 2"),
     (["train.personas_per_step=3", "train.group_size=2", "train.micro_batch=4"], "6 is a multiple of train.micro_batch"),
-    (["aopsd.teacher=ema"], "use fixed or live")])
+    (["aopsd.teacher=ema"], "use fixed or live"),
+    (["train.minibatches=3"], "'train.minibatches' is 3, which does not divide the 2 micro-batches")])
 def test_configs_trl_cannot_run_are_refused_in_one_sentence(tiny_dir, tmp_path, overrides, says):
     with pytest.raises(config.ConfigError, match=re.escape(says)) as refused:
         trl_savpo.grpo_config(tiny_cfg(tiny_dir, tmp_path / "bad", *overrides), num_processes=1)
     assert "\n" not in str(refused.value)
 
 
+def test_minibatches_map_to_optimizer_steps_within_one_generation(tiny_dir, tmp_path):
+    """train.minibatches=2 on 2 micro-batches a step: one generation per step of rollouts, an optimizer step
+    per micro-batch, so TRL counts 2 x epochs optimizer steps per savpo.py step."""
+    args = trl_savpo.grpo_config(tiny_cfg(tiny_dir, tmp_path / "mb", "train.minibatches=2", "train.epochs=2"),
+                                 num_processes=1)
+    assert (args.steps_per_generation, args.gradient_accumulation_steps, args.num_iterations) == (2, 1, 2)
+    assert args.max_steps == 2 * 2 * 2                   # train.steps x epochs x minibatches
+
+
 def test_two_processes_train_in_step(tiny_dir, tmp_path):
     """`torchrun --nproc_per_node 2 trl_savpo.py ...`: two CPU processes over gloo, the real entry point.
-    Both end with the same adapter (the run prints each process's sha256), and it has moved."""
+    Both end with the same adapter (the run prints each process's sha256), and it has moved; with
+    train.minibatches=2 TRL steps the optimizer twice per step of rollouts."""
     out = tmp_path / "ddp"
     args = [f"model.name_or_path={tiny_dir}", "model.warm_start=", f"out_dir={out}", "model.device=cpu", "train.steps=2",
             "train.save_every=0", "train.personas_per_step=2", "train.group_size=2", "train.micro_batch=1",
             "rollout.max_new_tokens=6", "simulator.max_turns=2", "simulator.appraiser=lexical",
-            "simulator.utterance=template", "personas.eval_n=1", "aopsd.placement=system", "train.lr=1e-2"]
+            "simulator.utterance=template", "personas.eval_n=1", "aopsd.placement=system", "train.lr=1e-2",
+            "train.minibatches=2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           os.path.join(ROOT, "trl_savpo.py"), *args], cwd=ROOT, env=env, capture_output=True,
@@ -183,7 +195,7 @@ def test_two_processes_train_in_step(tiny_dir, tmp_path):
     assert sums and sums.group(1) == sums.group(2), run.stdout[-2000:]
     lines = [json.loads(x) for x in open(out / "metrics.jsonl")]
     steps = [x for x in lines if "loss" in x]
-    assert [x["step"] for x in steps] == [1, 2] and all(x["savpo/aopsd_kl"] > 0 for x in steps)
+    assert [x["step"] for x in steps] == [1, 2, 3, 4] and all(x["savpo/aopsd_kl"] > 0 for x in steps)
     from safetensors.torch import load_file
     adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
     assert any(float(w.abs().max()) > 0 for n, w in adapter.items() if "lora_B" in n)   # LoRA B starts at 0
