@@ -36,8 +36,8 @@ counts. Both modes end with one JSON line.
 `--step` times whole SAVPO training steps (rollouts -> advantages -> teacher pass + update, savpo.Trainer from
 the shipped warm start, the config's personas) for two settings, each in its own subprocess: `before`, the
 default step as it was until 2026-12-02 (float32, 2 personas x G 4 = 8 calls a step), and `now`, config.yaml as
-it ships (`model.dtype: auto` = bf16 where the CPU multiplies it natively, 2 personas x G 8). Both optimise
-the same loss; reported per setting: training dialogues per minute, the split (rollouts / teacher pass /
+it ships (`model.dtype: auto` = bf16 where the CPU multiplies it natively, 4 personas x G 8 in one wave, two
+optimizer steps a step, so one per 16 calls as before). Both optimise the same loss; reported per setting: training dialogues per minute, the split (rollouts / teacher pass /
 student forward+backward), the tokens of each view (conversation-only, privileged, agent), and the ratio.
 `--step-overrides` replaces `now`'s settings (key=value ...). One JSON line last.
 """
@@ -425,7 +425,8 @@ def bench_health(args):
 
 # --------------------------------------------------------------------------- --step
 
-STEP_BEFORE = ("model.dtype=float32", "train.personas_per_step=2", "train.group_size=4")   # the default until 2026-12-02
+STEP_BEFORE = ("model.dtype=float32", "train.personas_per_step=2", "train.group_size=4",   # the default until 2026-12-02
+               "train.minibatches=1")
 
 
 def step_child(args):

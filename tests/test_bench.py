@@ -45,7 +45,7 @@ def test_the_gpu_check_runs_every_step_and_writes_one_json(tmp_path):
 
 
 def test_bench_step_times_the_old_and_the_new_default_step(tiny_dir):
-    """`bench.py --step`: the step as it was (float32, 2 personas x G 4) beside config.yaml's (G 8), each a real
+    """`bench.py --step`: the step as it was (float32, 2 personas x G 4) beside config.yaml's (4 x G 8), each a real
     savpo.Trainer step in its own process, one JSON line last with the split and the ratio."""
     import json
     import subprocess
@@ -56,7 +56,7 @@ def test_bench_step_times_the_old_and_the_new_default_step(tiny_dir):
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result["before_dialogues"] == 8 and result["now_dialogues"] == 16
+    assert result["before_dialogues"] == 8 and result["now_dialogues"] == 32
     assert result["before_dtype"] == "float32"
     for name in ("before", "now"):
         assert result[f"{name}_privileged_tokens"] > result[f"{name}_student_tokens"] > result[f"{name}_agent_tokens"] > 0
