@@ -84,24 +84,35 @@ def lora_params(model):
     return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n and ".default." in n}
 
 
+def rollouts_with_outcomes(trainer, every):
+    """One step's rollouts, every `every`-th accepted (so advantages are non-zero), and their advantages."""
+    trajs, _, _ = trainer.collect(0)
+    for i, t in enumerate(trajs):
+        t.decision = "accept" if i % every == 0 else "reject"
+    _, per_turn = trainer.advantages(trajs)
+    return trajs, per_turn
+
+
+def reset_to(trainer, start):
+    """The adapter and optimizer state back to `start` = (lora_params, optimizer state dict)."""
+    with torch.no_grad():
+        for n, p in trainer.model.named_parameters():
+            if n in start[0]:
+                p.copy_(start[0][n])
+    trainer.optimizer.load_state_dict(copy.deepcopy(start[1]))
+
+
 def test_update_does_not_depend_on_micro_batching(tiny_dir, tmp_path):
     cfg = tiny_cfg(tiny_dir, tmp_path / "mb", "aopsd.turn_weighting=willingness", "stpr.ref_kl=0.05",
                    "train.epochs=2", "train.group_size=4", "simulator.max_turns=3")
     trainer = savpo.Trainer(cfg, log=lambda *a: None)
-    trajs, _, _ = trainer.collect(0)
-    for i, t in enumerate(trajs):
-        t.decision = "accept" if i % 3 == 0 else "reject"
-    _, per_turn = trainer.advantages(trajs)
+    trajs, per_turn = rollouts_with_outcomes(trainer, every=3)
     assert len({tuple(s["delta_willingness"] for s in t.states) for t in trajs}) > 1   # weights vary
     start = (lora_params(trainer.model), copy.deepcopy(trainer.optimizer.state_dict()))
     real_step = trainer.optimizer.step
     results = []
     for micro_batch in (1, 3, 8):
-        with torch.no_grad():
-            for n, p in trainer.model.named_parameters():
-                if n in start[0]:
-                    p.copy_(start[0][n])
-        trainer.optimizer.load_state_dict(copy.deepcopy(start[1]))
+        reset_to(trainer, start)
         trainer.cfg["train"]["micro_batch"] = micro_batch
         grads = []
 
@@ -127,19 +138,12 @@ def test_minibatches_step_per_minibatch_each_with_k_times_its_share_of_the_pass_
     cfg = tiny_cfg(tiny_dir, tmp_path / "mbs", "train.group_size=4", "train.micro_batch=1", "train.lr=1e-12",
                    "train.grad_clip=1e9", "stpr.mode=additive", "simulator.max_turns=3")
     trainer = savpo.Trainer(cfg, log=lambda *a: None)
-    trajs, _, _ = trainer.collect(0)
-    for i, t in enumerate(trajs):
-        t.decision = "accept" if i % 3 == 0 else "reject"
-    _, per_turn = trainer.advantages(trajs)
+    trajs, per_turn = rollouts_with_outcomes(trainer, every=3)
     start = (lora_params(trainer.model), copy.deepcopy(trainer.optimizer.state_dict()))
     real_step, real_loss = trainer.optimizer.step, trainer._micro_batch_loss
     runs = {}
     for k in (1, 3):
-        with torch.no_grad():
-            for n, p in trainer.model.named_parameters():
-                if n in start[0]:
-                    p.copy_(start[0][n])
-        trainer.optimizer.load_state_dict(copy.deepcopy(start[1]))
+        reset_to(trainer, start)
         trainer.cfg["train"]["minibatches"] = k
         steps, seen = [], []
 
@@ -174,10 +178,7 @@ def test_later_minibatches_ratio_against_the_behaviour_policy(tiny_dir, tmp_path
     cfg = tiny_cfg(tiny_dir, tmp_path / "old", "train.group_size=4", "train.micro_batch=1", "train.minibatches=4",
                    "train.lr=5e-2", "stpr.eps_low=1e-6", "stpr.eps_high=1e-6", "simulator.max_turns=3")
     trainer = savpo.Trainer(cfg, log=lambda *a: None)
-    trajs, _, _ = trainer.collect(0)
-    for i, t in enumerate(trajs):
-        t.decision = "accept" if i % 2 == 0 else "reject"
-    _, per_turn = trainer.advantages(trajs)
+    trajs, per_turn = rollouts_with_outcomes(trainer, every=2)
     stats = trainer.update(trajs, per_turn, 0)
     assert stats["logprob_gap_max"] < 1e-4          # every "old" log-prob is the sampling policy's
     assert stats["outside_frac"] > 0                # and the moved policy's ratios are measured against it
