@@ -248,8 +248,9 @@ class Trainer:
 
     def update(self, trajs, per_turn_adv, step):
         """`train.epochs` passes of micro-batched updates over this step's rollouts; each pass is split
-        into `train.minibatches` minibatches, each followed by one optimizer step (PPO's minibatches: more
-        steps from the same rollouts for one extra forward, below; 1 = one step per pass). Every
+        into `train.minibatches` minibatches (at most one per micro-batch), each followed by one optimizer
+        step (PPO's minibatches: more steps from the same rollouts for one extra forward, below; 1 = one
+        step per pass). Every
         normaliser is the whole step's: the PG term is a token mean over the step's agent tokens (each
         micro-batch's token mean scaled by its token share, TRL's `dapo`), the AOPSD term a weighted turn
         mean over the step's turns; a minibatch's gradient is then multiplied by the number of minibatches,
