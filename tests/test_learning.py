@@ -77,7 +77,8 @@ def make_trainer(tiny_dir, out, algo):
                              "train.personas_per_step=4", "train.group_size=8", "train.micro_batch=16",
                              "rollout.max_new_tokens=3", "rollout.temperature=0.5", "simulator.max_turns=1",
                              "simulator.appraiser=lexical", "simulator.utterance=template", "train.lr=3e-2",
-                             "train.warmup_steps=0", "personas.eval_n=2", "personas.curriculum_steps=0", "stpr.mode=" +
+                             "train.warmup_steps=0", "train.minibatches=1",   # lr 3e-2 is tuned for one step a step
+                             "personas.eval_n=2", "personas.curriculum_steps=0", "stpr.mode=" +
                              ("outcome" if algo == "grpo" else "direction"), "seed=1"])
     return savpo.Trainer(cfg, log=lambda *a: None)
 
