@@ -330,15 +330,20 @@ class Trainer:
         self.scheduler.step()
         return stats
 
+    def _agent_logprobs(self, batch, tgs):
+        """(N, V) policy logits at the agent tokens of these trajectories, and the (N,) log-probs of the
+        sampled tokens, at the rollout's temperature."""
+        logits = policy_logits(self.model, batch, tgs)
+        ids = torch.tensor([x for tg in tgs for x in tg.ids], device=logits.device)
+        return logits, lm.token_logprobs(logits, ids, self.cfg["rollout"]["temperature"])
+
     def _behaviour_logprobs(self, chunks, trajs, targets, old):
         """The current (behaviour) policy's log-probs of these micro-batches' agent tokens, without gradient,
         into `old`: the ratio's reference for minibatches that run after an optimizer step."""
         with torch.no_grad():
             for chunk in chunks:
                 tgs = [targets[i] for i in chunk]
-                logits = policy_logits(self.model, [trajs[i] for i in chunk], tgs)
-                ids = torch.tensor([x for tg in tgs for x in tg.ids], device=logits.device)
-                logp = lm.token_logprobs(logits, ids, self.cfg["rollout"]["temperature"])
+                _, logp = self._agent_logprobs([trajs[i] for i in chunk], tgs)
                 old.update(zip(chunk, logp.cpu().split([len(tg.positions) for tg in tgs])))
 
     def _micro_batch_loss(self, chunk, trajs, targets, per_turn_adv, weights, norm, old, stats, first_pass):
@@ -347,10 +352,8 @@ class Trainer:
         a, st = self.cfg["aopsd"], self.cfg["stpr"]
         batch, tgs = [trajs[i] for i in chunk], [targets[i] for i in chunk]
         pairs = [(b, k) for b, tg in enumerate(tgs) for k in tg.turns]          # (trajectory, turn) of each token
-        logits = policy_logits(self.model, batch, tgs)                          # (N, V)
+        logits, logp = self._agent_logprobs(batch, tgs)                          # (N, V), (N,)
         device = logits.device
-        target_ids = torch.tensor([x for tg in tgs for x in tg.ids], device=device)             # (N,)
-        logp = lm.token_logprobs(logits, target_ids, self.cfg["rollout"]["temperature"])        # (N,)
         sizes = [len(tg.positions) for tg in tgs]
         if chunk[0] not in old:   # no optimizer step yet: the behaviour policy's log-probs are these, detached
             old.update(zip(chunk, logp.detach().cpu().split(sizes)))
@@ -378,8 +381,7 @@ class Trainer:
                 self.turn_divergence.setdefault(chunk[b], {})[k] = value
         if st["ref_kl"] > 0:
             with torch.no_grad(), lm.adapter_off(self.model):
-                ref_logits = policy_logits(self.model, batch, tgs)
-            ref_logp = lm.token_logprobs(ref_logits, target_ids, self.cfg["rollout"]["temperature"])
+                _, ref_logp = self._agent_logprobs(batch, tgs)
             kl_ref = losses.ref_kl(logp[None], ref_logp[None], ones)
             loss = loss + st["ref_kl"] * kl_ref * token_share
             stats["ref_kl"] += float(kl_ref.detach()) * token_share

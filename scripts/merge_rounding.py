@@ -10,10 +10,10 @@ W0 is the base the adapter was trained on: the warm-started model for a policy a
 raw model for the warm start itself (--raw-base).
 
 What decoding sees is the logits, so the same question is also asked there, on the first expert call
-of data/logs/sales_logs.jsonl (chat template, first 700 tokens): the adapter's effect in float32,
-e = logits(W0 + adapter) - logits(W0), against what bf16 keeps of it, unmerged (the training path,
-`lm.lora_in_base_dtype`) and merged: the projection <d, e> / <e, e> of each bf16 effect d (1: all of
-it kept), and bf16's own rounding noise, mean |logits_bf16(W0) - logits_fp32(W0)|, beside mean |e|.
+of data/logs/sales_logs.jsonl (chat template, at most 700 tokens; that call has 273): the adapter's
+effect in float32, e = logits(W0 + adapter) - logits(W0), against what bf16 keeps of it, unmerged (the
+training path, `lm.lora_in_base_dtype`) and merged: the projection <d, e> / <e, e> of each bf16 effect d
+(1: all of it kept), and bf16's own rounding noise, mean |logits_bf16(W0) - logits_fp32(W0)|, beside mean |e|.
 Prints a JSON line per adapter.
 
     python scripts/merge_rounding.py runs/NAME/checkpoints/step_000008/adapter
@@ -32,6 +32,7 @@ sys.path.insert(0, ROOT)
 import config      # noqa: E402
 import lm          # noqa: E402
 import warmstart   # noqa: E402
+from learn_to_ask.data import read_logs   # noqa: E402
 
 
 def merge_error(model, adapter_dir, dtype=torch.bfloat16):
@@ -76,8 +77,8 @@ def logits_kept(base32, base16, adapter_dir, ids):
 
 
 def expert_call_ids(tokenizer, n_tokens=700):
-    with open(os.path.join(ROOT, "data", "logs", "sales_logs.jsonl")) as f:
-        messages = json.loads(f.readline())["messages"]
+    sessions, _ = read_logs(os.path.join(ROOT, "data", "logs", "sales_logs.jsonl"), on_bad_line="refuse")
+    messages = sessions[0]["messages"]
     return torch.tensor([tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"][:n_tokens]])
 
 
