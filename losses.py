@@ -75,23 +75,58 @@ def _token_divergence(student_logits, teacher_logits, kind, alpha, vocab, topk, 
     return divergence(s, t, kind=kind, alpha=alpha)
 
 
+class _ForwardKL(torch.autograd.Function):
+    """Fast path of the default divergence (forward KL over the full vocabulary): KL(p_T || p_S) per
+    row of (n, V) logits, and its gradient in the same pass, d KL / d student_logits = p_S - p_T,
+    kept (in the logits' dtype, the size of the logits) until the backward pass multiplies it by the
+    incoming gradient. The plain path (`_token_divergence` under checkpointing) computes both
+    log-softmaxes, then again in the backward pass, and differentiates them with autograd: a chunk of
+    560 tokens x 49k vocabulary, bf16 logits, forward + backward 0.61 -> 0.36 s on the 2-core CPU.
+    Equal to the plain path up to rounding (tests/test_losses.py); the teacher gets no gradient."""
+
+    @staticmethod
+    def forward(ctx, student_logits, teacher_logits):
+        s = torch.log_softmax(student_logits.float(), -1)                                  # (n, V)
+        t = torch.log_softmax(teacher_logits.float(), -1)
+        p_t = t.exp()
+        kl = (p_t * (t - s)).sum(-1)                                                       # (n,)
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(s.exp_().sub_(p_t).to(student_logits.dtype))            # p_S - p_T
+        return kl
+
+    @staticmethod
+    def backward(ctx, grad_kl):
+        grad, = ctx.saved_tensors
+        return (grad.float() * grad_kl[:, None].float()).to(grad.dtype), None
+
+
 def token_divergence(student_logits, teacher_logits, *, kind="forward", alpha=0.5, vocab="full", topk=64,
-                     support="teacher", chunk=256):
+                     support="teacher", chunk=256, fused=True):
     """Per-token divergence of (N, V) logits, over the full vocabulary or a top-k support plus a tail
     bucket (`support`: whose top-k, TRL's `topk_support`), `chunk` rows at a time. Each chunk is
     recomputed in the backward pass (checkpointing), so the softmax temporaries never exceed
-    chunk x V whatever N and V are. Returns (N,)."""
+    chunk x V whatever N and V are. The forward KL over the full vocabulary (the default) takes the
+    fused path `_ForwardKL` instead unless `fused=False`; it keeps one (N, V) gradient, the logits'
+    size, for the backward pass. Returns (N,)."""
     from torch.utils.checkpoint import checkpoint
     fn = lambda s, t: _token_divergence(s, t, kind, alpha, vocab, topk, support)
+    differentiable = student_logits.requires_grad and torch.is_grad_enabled()
+    fast = fused and differentiable and kind == "forward" and vocab == "full"
     pieces = []
     for i in range(0, student_logits.shape[0], chunk):
         s, t = student_logits[i:i + chunk], teacher_logits[i:i + chunk]
-        pieces.append(checkpoint(fn, s, t, use_reentrant=False) if s.requires_grad else fn(s, t))
+        if fast:
+            pieces.append(_ForwardKL.apply(s, t))
+        elif differentiable:
+            pieces.append(checkpoint(fn, s, t, use_reentrant=False))
+        else:
+            pieces.append(fn(s, t))
     return torch.cat(pieces) if pieces else student_logits.new_zeros(0)
 
 
 def aopsd_loss(student_logits, teacher_logits, mask, turn_ids, *, turn_weights=None, weight_total=None,
-               kind="forward", alpha=0.5, vocab="full", topk=64, support="teacher", chunk=256, clip=0.0):
+               kind="forward", alpha=0.5, vocab="full", topk=64, support="teacher", chunk=256, clip=0.0,
+               per_token=False):
     """Asymmetric on-policy self-distillation loss.
 
     student_logits (B, T, V)  the student's logits; position t predicts token t+1 of its sequence
@@ -104,7 +139,8 @@ def aopsd_loss(student_logits, teacher_logits, mask, turn_ids, *, turn_weights=N
                               so splitting a step into micro-batches changes nothing.
     Returns (loss, mean per-token divergence): per-token divergence (`kind`, `alpha`: see
     `divergence`), optionally clipped at `clip`, averaged within each turn, then
-    sum_turns w * turn_mean / weight_total.
+    sum_turns w * turn_mean / weight_total. per_token=True adds those (N,) divergences (clipped,
+    detached, in the order of the mask's agent tokens), so a caller logging them computes nothing twice.
 
     Example: one trajectory, two turns with 2 and 1 agent tokens whose divergences are [0.2, 0.4] and
     [0.9]: turn means [0.3, 0.9]; uniform weights give loss 0.6 (a token mean would give 0.5).
@@ -122,7 +158,8 @@ def aopsd_loss(student_logits, teacher_logits, mask, turn_ids, *, turn_weights=N
     weights = present if turn_weights is None else turn_weights[:, :n_turns].reshape(-1).to(div.dtype) * present
     total = weights.sum() if weight_total is None else torch.as_tensor(weight_total, dtype=div.dtype)
     loss = (turn_div * weights).sum() / total.clamp(min=1e-8)
-    return loss, div.detach().mean() if div.numel() else div.new_zeros(())
+    mean = div.detach().mean() if div.numel() else div.new_zeros(())
+    return (loss, mean, div.detach()) if per_token else (loss, mean)
 
 
 def stpr_advantages(final_rewards, delta_w, groups, *, mode="direction", beta=0.5, eps=1e-6):

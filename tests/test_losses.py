@@ -90,6 +90,48 @@ def test_chunking_changes_nothing_and_gradients_reach_the_student_only():
     assert grads[0].abs().sum() > 0
 
 
+def test_fused_forward_kl_equals_the_plain_path_in_value_and_gradient():
+    """The default divergence's fast path (`losses._ForwardKL`: the gradient p_S - p_T computed with the
+    value) against the checkpointed autograd path, per token and through a weighted backward pass."""
+    torch.manual_seed(2)
+    for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 2e-3)):
+        student = (3 * torch.randn(9, 301)).to(dtype).requires_grad_(True)
+        teacher = (3 * torch.randn(9, 301)).to(dtype)
+        upstream = torch.rand(9)                       # a different weight per token, as the turn means give
+        values, grads = [], []
+        for fused in (True, False):
+            student.grad = None
+            div = losses.token_divergence(student, teacher, chunk=4, fused=fused)
+            (div * upstream).sum().backward()
+            values.append(div.detach())
+            grads.append(student.grad.float())
+        torch.testing.assert_close(values[0], values[1], atol=tol, rtol=0)
+        torch.testing.assert_close(grads[0], grads[1], atol=tol, rtol=0)
+        assert grads[0].abs().max() > 10 * tol
+        assert grads[0].dtype == torch.float32 and student.grad.dtype == dtype
+    # d KL / d student = p_S - p_T, by hand: one token, two words
+    student = torch.tensor([[0.0, 0.0]], requires_grad=True)
+    teacher = torch.tensor([[0.0, math.log(3.0)]])
+    losses.token_divergence(student, teacher).sum().backward()
+    torch.testing.assert_close(student.grad, torch.tensor([[0.5 - 0.25, 0.5 - 0.75]]))
+    # without gradient (the per-turn log, evaluation) the plain values
+    with torch.no_grad():
+        expected = torch.tensor([0.25 * math.log(0.25 / 0.5) + 0.75 * math.log(0.75 / 0.5)])
+        torch.testing.assert_close(losses.token_divergence(student, teacher), expected, atol=1e-6, rtol=0)
+
+
+def test_aopsd_per_token_divergences_are_the_ones_the_loss_averaged():
+    torch.manual_seed(3)
+    student, teacher = torch.randn(1, 6, 20, requires_grad=True), torch.randn(1, 6, 20)
+    mask, turns = torch.tensor([[1, 1, 0, 1, 1, 1]]), torch.tensor([[0, 0, 0, 1, 1, 2]])
+    loss, mean, div = losses.aopsd_loss(student, teacher, mask, turns, per_token=True, clip=0.05)
+    expected = losses.token_divergence(student[0, mask[0].bool()].detach(), teacher[0, mask[0].bool()]).clamp(max=0.05)
+    torch.testing.assert_close(div, expected)
+    assert not div.requires_grad and loss.requires_grad
+    assert mean.item() == pytest.approx(float(expected.mean()), abs=1e-7)
+    torch.testing.assert_close(loss, losses.aopsd_loss(student, teacher, mask, turns, clip=0.05)[0])
+
+
 # ----------------------------------------------------------------------------- STPR
 
 def test_stpr_worked_example():
