@@ -147,7 +147,7 @@ def aopsd_term(student_logits, teacher, targets, weights, weight_total, aopsd_cf
     """L_AOPSD of a few trajectories from the (N, V) student and teacher logits at their agent tokens
     (`targets` order), `weights` [{turn: w}] per trajectory, normalised by the whole step's weight
     total: (loss, mean per-token divergence). per_turn=True also returns {(trajectory, turn): the turn's
-    mean divergence, as the loss averaged it} (recomputed without gradient, for samples.jsonl)."""
+    mean divergence, as the loss averaged it} (the loss's own per-token values, for samples.jsonl)."""
     a, device = aopsd_cfg, student_logits.device
     pairs = [(b, k) for b, tg in enumerate(targets) for k in tg.turns]          # (trajectory, turn) of each token
     keys = sorted(set(pairs))
@@ -156,14 +156,11 @@ def aopsd_term(student_logits, teacher, targets, weights, weight_total, aopsd_cf
     ones = torch.ones(1, len(pairs), device=device)
     options = dict(kind=a["divergence"], alpha=a["alpha"], vocab=a["vocab"], topk=a["topk"], support=a["topk_support"],
                    chunk=a["chunk"])
-    loss, mean = losses.aopsd_loss(student_logits[None], teacher[None], ones, segment[None], turn_weights=turn_w,
-                                   weight_total=weight_total, clip=a["clip"], **options)
+    loss, mean, div = losses.aopsd_loss(student_logits[None], teacher[None], ones, segment[None], turn_weights=turn_w,
+                                        weight_total=weight_total, clip=a["clip"], per_token=True, **options)
     if not per_turn:
         return loss, mean
-    with torch.no_grad():
-        div = losses.token_divergence(student_logits.detach(), teacher, **options)                 # (N,)
-        div = div.clamp(max=a["clip"]) if a["clip"] > 0 else div
-        turn_div, _ = losses._segment_mean(div, segment, len(keys))                               # (K,)
+    turn_div, _ = losses._segment_mean(div, segment, len(keys))                                    # (K,)
     return loss, mean, dict(zip(keys, turn_div.tolist()))
 
 
@@ -339,12 +336,17 @@ class Trainer:
 
     def _behaviour_logprobs(self, chunks, trajs, targets, old):
         """The current (behaviour) policy's log-probs of these micro-batches' agent tokens, without gradient,
-        into `old`: the ratio's reference for minibatches that run after an optimizer step."""
+        into `old`: the ratio's reference for minibatches that run after an optimizer step. One forward per
+        persona group rather than per micro-batch: without gradient a group's rollouts fit in one batch,
+        and their shared system prompt then runs once (all 32 calls of a default step: 7.2 -> 5.3 s)."""
+        groups = {}
+        for i in (i for chunk in chunks for i in chunk):
+            groups.setdefault(trajs[i].group, []).append(i)
         with torch.no_grad():
-            for chunk in chunks:
-                tgs = [targets[i] for i in chunk]
-                _, logp = self._agent_logprobs([trajs[i] for i in chunk], tgs)
-                old.update(zip(chunk, logp.cpu().split([len(tg.positions) for tg in tgs])))
+            for members in groups.values():
+                tgs = [targets[i] for i in members]
+                _, logp = self._agent_logprobs([trajs[i] for i in members], tgs)
+                old.update(zip(members, logp.cpu().split([len(tg.positions) for tg in tgs])))
 
     def _micro_batch_loss(self, chunk, trajs, targets, per_turn_adv, weights, norm, old, stats, first_pass):
         """The SAVPO loss of the trajectories `chunk`, on their agent tokens only (flattened to N),

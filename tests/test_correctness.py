@@ -165,7 +165,7 @@ def test_minibatches_step_per_minibatch_each_with_k_times_its_share_of_the_pass_
         i for c in runs[1][1][0][1] for i in c)
     for j, full in enumerate(runs[1][1][0][0]):
         summed = sum(grads[j] for grads, _ in runs[3][1])
-        torch.testing.assert_close(summed, 3 * full, rtol=1e-3, atol=1e-7)
+        torch.testing.assert_close(summed, 3 * full, rtol=1e-3, atol=1e-6)   # the behaviour pass batches by group: float rounding
     for key in ("loss", "pg_loss", "aopsd_kl"):   # the logged metrics are the pass's, however it is split
         assert runs[3][0][key] == pytest.approx(runs[1][0][key], rel=1e-4, abs=1e-6)
 
