@@ -247,13 +247,12 @@ class Trainer:
         """`train.epochs` passes of micro-batched updates over this step's rollouts; each pass is split
         into `train.minibatches` minibatches (at most one per micro-batch), each followed by one optimizer
         step (PPO's minibatches: more steps from the same rollouts for one extra forward, below; 1 = one
-        step per pass). Every
-        normaliser is the whole step's: the PG term is a token mean over the step's agent tokens (each
-        micro-batch's token mean scaled by its token share, TRL's `dapo`), the AOPSD term a weighted turn
-        mean over the step's turns; a minibatch's gradient is then multiplied by the number of minibatches,
-        so each optimizer step sees the size of gradient one whole pass would (TRL's `dapo` normaliser
-        with steps_per_generation > gradient_accumulation_steps). So the gradient does not depend on
-        `train.micro_batch`. The "old" log-probs of the ratio are the behaviour
+        step per pass). Every normaliser is the whole step's: the PG term is a token mean over the step's
+        agent tokens (each micro-batch's token mean scaled by its token share, TRL's `dapo`), the AOPSD
+        term a weighted turn mean over the step's turns; a minibatch's gradient is then multiplied by the
+        number of minibatches, so each optimizer step sees the size of gradient one whole pass would
+        (TRL's `dapo` normaliser with steps_per_generation > gradient_accumulation_steps). So the gradient
+        does not depend on `train.micro_batch`. The "old" log-probs of the ratio are the behaviour
         policy's, detached: the first pass's own where no optimizer step came before (the first ratio is
         exactly 1 in any dtype), and for the later minibatches of the first pass a forward without
         gradient before any step (TRL's `old_per_token_logps`), since the KV-cached rollout's own
