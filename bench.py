@@ -38,9 +38,10 @@ the shipped warm start, the config's personas) for two settings, each in its own
 default step as it was until 2026-12-02 (float32, 2 personas x G 4 = 8 calls a step), and `now`, config.yaml as
 it ships (`model.dtype: auto` = bf16 where the CPU multiplies it natively, 4 personas x G 8 in one wave, two
 optimizer steps a step: one per 16 calls, as the 2 x G 8 default between them had; `before` has one per 8).
-Both optimise the same loss; reported per setting: training dialogues per minute, the split (rollouts /
-teacher pass / student forward+backward), the tokens of each view (conversation-only, privileged, agent),
-and the ratio.
+Both optimise the same loss and run today's code (its exact speed-ups and `rollout.fold_adapter` apply
+to `before` too, so the ratio understates the gain over the step of 2026-12-02); reported per setting:
+training dialogues per minute, the split (rollouts / teacher pass / student forward+backward), the tokens
+of each view (conversation-only, privileged, agent), and the ratio.
 `--step-overrides` replaces `now`'s settings (key=value ...). One JSON line last.
 """
 

@@ -115,11 +115,16 @@ class KVBatch:
         batch.drop(["d1"])                                   # finished dialogue leaves the batch
 
     `adapter=False` runs the same model with its LoRA adapter disabled (the simulator role).
+    `fold=True` decodes the adapter folded into the weights (`lm.folded`, fast path; the plain path is
+    fold=False): the folded weights are computed at the first `generate` and again whenever the
+    adapter's parameters have changed since.
     """
 
-    def __init__(self, model, pad_id, adapter=True, share_prefix=True):
+    def __init__(self, model, pad_id, adapter=True, share_prefix=True, fold=False):
         self.model, self.pad_id, self.adapter = model, pad_id, adapter
         self.share_prefix = share_prefix
+        self.fold = fold and adapter
+        self._folded, self._folded_stamp = None, None   # lm.fold_adapter's pairs, and the adapter version they fold
         self.keys = []          # row order in the cache
         self.rows = {}          # key -> list of token ids (all of them, cached or not)
         self.n_cached = {}      # key -> how many of those are in the cache
@@ -224,8 +229,18 @@ class KVBatch:
         {key: (new token ids, their log-probs)}. The last sampled token of each row stays uncached
         and is prefilled with the row's next delta. `adapter=False` bypasses the LoRA adapter for the
         whole call (toggling it costs a walk over every module: once per call, not per token)."""
-        with contextlib.nullcontext() if self.adapter else lm.adapter_off(self.model):
+        with lm.adapter_off(self.model) if not self.adapter else self._folded_adapter():
             return self._generate(max_new_tokens, stop_ids, temperature, top_p, generator)
+
+    def _folded_adapter(self):
+        """`lm.folded` with this batch's folded weights (recomputed if the adapter changed), or nothing."""
+        if not self.fold:
+            return contextlib.nullcontext()
+        # an optimizer step bumps a parameter's version, a load that replaces its tensor moves its storage
+        stamp = tuple((p.data_ptr(), p._version) for n, p in self.model.named_parameters() if "lora_" in n)
+        if stamp != self._folded_stamp:
+            self._folded, self._folded_stamp = lm.fold_adapter(self.model), stamp
+        return lm.folded(self.model, self._folded) if self._folded else contextlib.nullcontext()
 
     def _prefill_shared(self, device, min_shared=32):
         """Before the first prefill: rows that start with the same tokens -- the G dialogues of a persona
@@ -418,7 +433,7 @@ class StaticKVBatch(KVBatch):
     BLOCK = 256
 
     def __init__(self, model, pad_id, adapter=True, share_prefix=True, capacity=None, compile=True):
-        super().__init__(model, pad_id, adapter, share_prefix)
+        super().__init__(model, pad_id, adapter, share_prefix)   # never folded: a captured graph keeps weight addresses
         self.capacity, self.compile = capacity, compile
         self.static = False         # True once the cache is the fixed-capacity one
         self.phys = []              # the physical rows: a key, or None for a row no dialogue owns
@@ -609,6 +624,6 @@ def decoder_for(model, rollout_cfg):
     device = next(model.parameters()).device
     choice = rollout_cfg.get("compile", "off")
     if choice == "off" or (choice == "auto" and device.type != "cuda"):
-        return KVBatch
+        return functools.partial(KVBatch, fold=rollout_cfg.get("fold_adapter", False))
     capacity = rollout_cfg["max_context"] + rollout_cfg["max_new_tokens"] if device.type == "cuda" else None
     return functools.partial(StaticKVBatch, capacity=capacity)

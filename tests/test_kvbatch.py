@@ -128,8 +128,10 @@ def test_compiled_step_equals_eager_with_bounded_recompilation(cfg, tokenizer):
 def test_compile_setting_picks_the_engine(cfg, tokenizer):
     model = make_tiny_model(tokenizer)
     roll = cfg["rollout"]
-    assert kvbatch.decoder_for(model, {**roll, "compile": "off"}) is kvbatch.KVBatch
-    assert kvbatch.decoder_for(model, {**roll, "compile": "auto"}) is kvbatch.KVBatch    # the CPU: eager
+    for choice in ("off", "auto"):                                                       # auto on the CPU: eager
+        for fold in (True, False):
+            eager = kvbatch.decoder_for(model, {**roll, "compile": choice, "fold_adapter": fold})
+            assert eager.func is kvbatch.KVBatch and eager.keywords == {"fold": fold}
     on = kvbatch.decoder_for(model, {**roll, "compile": "on"})
     assert on.func is kvbatch.StaticKVBatch and on.keywords["capacity"] is None         # grows on the CPU
 
@@ -225,3 +227,48 @@ def test_personas_of_one_bank_keep_their_own_shared_prompt(tokenizer, tiny_model
     batch._prefill_shared(torch.device("cpu"))
     assert all(batch.n_cached[(p, g)] == 240 for p in range(2) for g in range(3))
     assert batch.prefill_tokens == 2 * 240
+
+
+def test_folded_adapter_plays_the_branches_dialogues_and_leaves_the_base(cfg, tokenizer, monkeypatch):
+    """Fast path (`rollout.fold_adapter`, `lm.folded`): the policy decoded with its adapter folded into the
+    weights plays the LoRA branches' greedy dialogues (float32: the same tokens, log-probs within 1e-5;
+    sampled ones part where a draw falls within rounding of a boundary), while the simulator speaking
+    through the same model's adapter-off view still hears from the base between the policy's turns, and
+    the base weights are the same tensors, bit for bit, afterwards."""
+    model = lora_policy(tokenizer)
+    before = {n: (p.data_ptr(), p.detach().clone()) for n, p in model.named_parameters()}
+    folds = []
+    monkeypatch.setattr(lm, "fold_adapter", lambda m, plain=lm.fold_adapter: folds.append(plain(m)) or folds[-1])
+    ref = play(cfg, tokenizer, model, kvbatch.KVBatch)
+    assert not folds                                                         # the plain path folds nothing
+    out = play(cfg, tokenizer, model, functools.partial(kvbatch.KVBatch, fold=True))
+    assert_same(ref, out, atol=1e-5)
+    assert folds and all(len(f) == 2 * 2 for f in folds)                     # q_proj, v_proj x 2 layers: folded
+    for n, p in model.named_parameters():
+        assert p.data_ptr() == before[n][0] and torch.equal(p, before[n][1]), n
+
+
+def test_folded_adapter_follows_an_updated_adapter(tokenizer):
+    """A KVBatch folds again when the adapter changed since its last fold (an optimizer step, a loaded
+    adapter), and folds nothing with the adapter disabled or for the simulator's adapter-off view."""
+    model = lora_policy(tokenizer)
+
+    def greedy(fold):
+        batch = kvbatch.KVBatch(model, tokenizer.pad_token_id, fold=fold)
+        batch.add(0, [1, 2, 3, 4, 5])
+        return batch, batch.generate(6, set())[0][0]
+
+    batch, _ = greedy(True)
+    optimizer = torch.optim.SGD([p for n, p in model.named_parameters() if "lora_B" in n], lr=1.0)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(1))
+    optimizer.step()
+    stale = batch._folded
+    batch.add(1, [1, 2, 3, 4, 5])
+    batch.drop([0])
+    assert batch.generate(6, set())[1][0] == greedy(False)[1]     # the stepped adapter, as the branches play it
+    assert batch._folded is not stale
+    with lm.adapter_off(model):
+        assert lm.fold_adapter(model) is None
+    assert not kvbatch.KVBatch(model, tokenizer.pad_token_id, adapter=False, fold=True).fold
