@@ -240,7 +240,7 @@ def add_lora(model, lora_cfg, gradient_checkpointing=False, lora_autocast=True):
     prepared for k-bit training first (QLoRA). PEFT keeps the adapter in float32 over a bfloat16 or
     float16 base; `lora_autocast` then runs its branches in the base's dtype (`lora_in_base_dtype`)."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+    if _is_quantised(model):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     elif gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -272,8 +272,7 @@ def lora_in_base_dtype(model):
     the plain path's numbers, never a dtype mismatch."""
     base = model.get_base_model()
     dtype = base.get_input_embeddings().weight.dtype
-    quantised = getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False)
-    if dtype not in (torch.bfloat16, torch.float16) or quantised or getattr(base, "_lora_autocast", False):
+    if dtype not in (torch.bfloat16, torch.float16) or _is_quantised(base) or getattr(base, "_lora_autocast", False):
         return model
     from peft.tuners.tuners_utils import BaseTunerLayer
     for module in model.modules():
@@ -346,13 +345,13 @@ def folded(model, pairs):
 
     Why: a decode step of a 135M model on the CPU is per-operation overhead more than arithmetic, and
     each of the 210 adapted projections adds its LoRA branch (two thin products, a scale, an add, the
-    casts of the float32 adapter under autocast): one step's 32 rollouts on the 2-core CPU, 25.6 s with
-    the branches and 19.5 s with the same (zero) adapter folded (docs/savpo.md). Numerics: in bf16 the
-    folded weight rounds the adapter's small update against the base weight's magnitude, the unfolded
-    path rounds the branch's output instead; measured on trained adapters both keep about as much of the
-    adapter's float32 effect on the logits (docs/savpo.md), and the trainer's "old" log-probs come from
-    its own forward either way. The plain path is `rollout.fold_adapter: false`; tests/test_rollout.py
-    compares the two."""
+    casts of the float32 adapter under autocast): one step's 32 rollouts on the 2-core CPU took 25.6 s
+    with the branches, 20.6 s folded. Numerics: in bf16 the folded weight rounds the adapter's small
+    update against the base weight's magnitude, the branches round their output instead. Measured as the
+    gap between a rollout's recorded log-probs and the trainer's forward (docs/savpo.md): as small folded
+    as with the branches for the main job's adapter, ~1.5x larger (0.025 nats a token) for a strongly
+    trained one; the trainer's "old" log-probs come from its own forward either way. The plain path is
+    `rollout.fold_adapter: false`; tests/test_kvbatch.py compares the two."""
     swapped = [(w, w.data) for w, _ in pairs]
     with model.disable_adapter():
         try:
